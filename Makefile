@@ -1,0 +1,25 @@
+# Makefile: builds kafka_bridge.so with PGXS and runs the pg_regress suite.
+# scripts/test is the one command that also starts Kafka and runs the TAP tests.
+
+MODULE_big = kafka_bridge
+OBJS = $(patsubst %.c,%.o,$(wildcard src/*.c))
+
+EXTENSION = kafka_bridge
+DATA = $(wildcard kafka_bridge--*.sql)
+
+REGRESS = settings status
+REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=./tmp_check
+
+PG_CONFIG ?= pg_config
+
+KAFKA_CFLAGS := $(shell pkg-config --cflags rdkafka jansson)
+KAFKA_LIBS := $(shell pkg-config --libs rdkafka jansson)
+
+PG_CPPFLAGS = -I$(srcdir)/src $(KAFKA_CFLAGS)
+PG_CFLAGS = -Werror -Wall -Wmissing-prototypes
+SHLIB_LINK = $(KAFKA_LIBS) -lpthread
+
+EXTRA_CLEAN = tmp_check results regression.diffs regression.out
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

@@ -1,0 +1,65 @@
+-- kafka_bridge.status: the launcher, the workers, what they report.
+-- The temporary instance lists regress_kb_missing_db in kafka_bridge.databases
+-- and points at a port where no broker listens.
+
+-- a listed database that does not exist is reported, not ignored
+DO $$
+BEGIN
+  FOR i IN 1..300 LOOP
+    EXIT WHEN EXISTS (SELECT 1 FROM kafka_bridge.status WHERE state = 'error');
+    PERFORM pg_sleep(0.1);
+  END LOOP;
+END $$;
+SELECT database, pid, state, last_error, last_error_at IS NOT NULL AS has_time
+  FROM kafka_bridge.status;
+
+-- once it exists, a worker starts there and reports the unreachable broker
+CREATE DATABASE regress_kb_missing_db;
+DO $$
+BEGIN
+  FOR i IN 1..300 LOOP
+    EXIT WHEN EXISTS (SELECT 1 FROM kafka_bridge.status
+                       WHERE state = 'error' AND pid IS NOT NULL
+                         AND last_error LIKE '%Connection refused%');
+    PERFORM pg_sleep(0.1);
+  END LOOP;
+END $$;
+SELECT database, pid IS NOT NULL AS running, state, brokers, activity,
+       regexp_replace(last_error, ' \(after .*', '') AS last_error,
+       events_published, events_applied, publish_lag_bytes, consumer_lag
+  FROM kafka_bridge.status;
+
+-- pg_stat_activity shows both processes and what they do
+SELECT backend_type, datname, application_name, query
+  FROM pg_stat_activity WHERE backend_type LIKE 'kafka\_bridge%' ORDER BY 1;
+
+-- taking the database out of the list stops its worker
+ALTER SYSTEM SET kafka_bridge.databases = '';
+SELECT pg_reload_conf();
+DO $$
+BEGIN
+  FOR i IN 1..300 LOOP
+    EXIT WHEN NOT EXISTS (SELECT 1 FROM kafka_bridge.status);
+    PERFORM pg_sleep(0.1);
+  END LOOP;
+END $$;
+SELECT count(*) FROM kafka_bridge.status;
+DROP DATABASE regress_kb_missing_db;
+ALTER SYSTEM RESET kafka_bridge.databases;
+SELECT pg_reload_conf();
+
+-- the instance id defaults to the system identifier
+SHOW kafka_bridge.instance_id;
+SELECT kafka_bridge.instance_id() = system_identifier::text AS is_sysid
+  FROM pg_control_system();
+
+-- only monitoring roles see the status
+CREATE ROLE regress_kb_nobody;
+SET ROLE regress_kb_nobody;
+SELECT * FROM kafka_bridge.status;
+RESET ROLE;
+GRANT pg_monitor TO regress_kb_nobody;
+SET ROLE regress_kb_nobody;
+SELECT 'allowed' AS result FROM (SELECT count(*) FROM kafka_bridge.status) s;
+RESET ROLE;
+DROP ROLE regress_kb_nobody;

@@ -1,0 +1,70 @@
+/*-------------------------------------------------------------------------
+ * kafka_bridge.c
+ *	  Module initialisation: settings, shared memory and the launcher.
+ *
+ * Loaded through shared_preload_libraries, kafka_bridge reserves its status
+ * area and registers the launcher, which starts one worker per database.
+ * Loaded any other way (as an output plugin, or by CREATE EXTENSION on a
+ * server that does not preload it), only the settings exist, and the SQL
+ * functions that need the workers say what to add to postgresql.conf.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "utils/builtins.h"
+
+#include "kafka_bridge.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+bool		kb_preloaded = false;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static void
+kb_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	kb_status_request_shmem();
+}
+
+static void
+kb_shmem_startup(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	kb_status_init_shmem();
+}
+
+void
+_PG_init(void)
+{
+	kb_define_settings();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+	kb_preloaded = true;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = kb_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = kb_shmem_startup;
+
+	kb_register_launcher();
+}
+
+/* kafka_bridge.instance_id(): the id this instance puts in its events. */
+PG_FUNCTION_INFO_V1(kafka_bridge_instance_id);
+
+Datum
+kafka_bridge_instance_id(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(kb_instance_id()));
+}

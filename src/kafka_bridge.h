@@ -1,0 +1,131 @@
+/*-------------------------------------------------------------------------
+ * kafka_bridge.h
+ *	  Declarations shared by the files of the kafka_bridge extension.
+ *
+ * One file a role: kafka_bridge.c (module init), settings.c (GUCs and the
+ * librdkafka property lists), status.c (shared memory and the status view),
+ * launcher.c (starts one worker per database), worker.c (the per-database
+ * worker), kafka_client.c (librdkafka glue).
+ *-------------------------------------------------------------------------
+ */
+#ifndef KAFKA_BRIDGE_H
+#define KAFKA_BRIDGE_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "nodes/pg_list.h"
+#include "port/atomics.h"
+
+#include <librdkafka/rdkafka.h>
+
+#define KB_EXTENSION_NAME "kafka_bridge"
+
+/* Most databases kafka_bridge.databases may list: the status area is fixed. */
+#define KB_MAX_WORKERS 64
+
+/* ---- settings.c ---- */
+
+extern char *kb_bootstrap_servers;
+extern char *kb_databases;
+extern char *kb_instance_id_setting;
+extern char *kb_kafka_options;
+extern char *kb_producer_options;
+extern char *kb_consumer_options;
+extern char *kb_sasl_password;
+extern char *kb_ssl_key_password;
+extern int	kb_worker_restart_delay;
+extern int	kb_probe_interval;
+
+/* true when loaded through shared_preload_libraries (workers and shmem exist) */
+extern bool kb_preloaded;
+
+extern void kb_define_settings(void);
+extern const char *kb_instance_id(void);
+extern List *kb_database_names(void);
+extern void kb_require_preload(const char *what);
+
+typedef enum KbClientRole
+{
+	KB_CLIENT_PRODUCER,
+	KB_CLIENT_CONSUMER
+} KbClientRole;
+
+/*
+ * Apply a property list ("name=value name='value'") to a librdkafka
+ * configuration.  On failure returns false and sets *detail to a palloc'd,
+ * user-facing sentence naming the property.  conf may be NULL to only parse.
+ */
+extern bool kb_apply_property_list(rd_kafka_conf_t *conf, const char *list,
+								   char **detail);
+extern void kb_redact_secrets(char *text);
+
+/* ---- status.c ---- */
+
+typedef enum KbWorkerState
+{
+	KB_STATE_FREE = 0,			/* slot unused */
+	KB_STATE_STARTING,			/* launcher registered the worker */
+	KB_STATE_UNCONFIGURED,		/* kafka_bridge.bootstrap_servers is empty */
+	KB_STATE_CONNECTING,		/* Kafka client created, no answer yet */
+	KB_STATE_CONNECTED,			/* the last metadata request succeeded */
+	KB_STATE_ERROR,				/* the last attempt failed; see last_error */
+	KB_STATE_STOPPED			/* worker exited; launcher restarts it */
+} KbWorkerState;
+
+typedef struct KbWorkerSlot
+{
+	/* set by the launcher */
+	NameData	dbname;
+	int			generation;		/* bumped each time the slot is reused */
+
+	/* set by the worker (strings under the status lock) */
+	KbWorkerState state;
+	int			pid;
+	TimestampTz started_at;
+	char		brokers[256];	/* brokers seen in the last metadata reply */
+	char		activity[128];
+	char		last_error[512];
+	TimestampTz last_error_at;
+
+	/* counters filled by the publisher and the consumer */
+	pg_atomic_uint64 events_published;
+	pg_atomic_uint64 events_applied;
+	pg_atomic_uint64 publish_lag_bytes;
+	pg_atomic_uint64 consumer_lag;
+} KbWorkerSlot;
+
+extern void kb_status_request_shmem(void);
+extern void kb_status_init_shmem(void);
+extern KbWorkerSlot *kb_status_slot(int index);
+extern int	kb_status_find(const char *dbname);
+extern int	kb_status_claim(const char *dbname);
+extern void kb_status_release(int index);
+extern void kb_status_set(int index, KbWorkerState state, const char *activity);
+extern void kb_status_set_error(int index, KbWorkerState state,
+								const char *fmt,...) pg_attribute_printf(3, 4);
+extern void kb_status_set_brokers(int index, const char *brokers);
+extern void kb_status_set_pid(int index, int pid);
+extern const char *kb_state_name(KbWorkerState state);
+
+/* ---- launcher.c / worker.c ---- */
+
+extern void kb_register_launcher(void);
+extern PGDLLEXPORT void kafka_bridge_launcher_main(Datum arg);
+extern PGDLLEXPORT void kafka_bridge_worker_main(Datum arg);
+
+/* ---- kafka_client.c ---- */
+
+typedef struct KbKafkaClient KbKafkaClient;
+
+extern KbKafkaClient *kb_kafka_client_create(KbClientRole role,
+											 const char *client_id,
+											 char **detail);
+extern void kb_kafka_client_destroy(KbKafkaClient *client);
+extern void kb_kafka_client_poll(KbKafkaClient *client);
+extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
+								  char *brokers, size_t brokers_size,
+								  char *error, size_t error_size);
+extern char *kb_kafka_settings_fingerprint(void);
+
+#endif							/* KAFKA_BRIDGE_H */

@@ -1,0 +1,196 @@
+/*-------------------------------------------------------------------------
+ * kafka_client.c
+ *	  librdkafka glue: builds a client from the kafka_bridge.* settings,
+ *	  serves its callbacks on the worker's own thread, and probes the brokers.
+ *
+ * librdkafka runs threads of its own.  They must never run PostgreSQL code,
+ * so logs and errors are routed to the main queue and served by
+ * kb_kafka_client_poll() in the worker, and the threads are created with
+ * every signal blocked so that PostgreSQL's handlers only run on the
+ * worker's thread.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include "lib/stringinfo.h"
+#include "utils/elog.h"
+#include "utils/memutils.h"
+
+#include "kafka_bridge.h"
+
+struct KbKafkaClient
+{
+	rd_kafka_t *rk;
+	KbClientRole role;
+	/* latest error reported by librdkafka that names a broker */
+	char		last_error[512];
+};
+
+static void
+client_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+	KbKafkaClient *client = (KbKafkaClient *) opaque;
+
+	/* "1/1 brokers are down" names no address: keep the previous, better one */
+	if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN && client->last_error[0])
+		return;
+	strlcpy(client->last_error, reason, sizeof(client->last_error));
+	kb_redact_secrets(client->last_error);
+}
+
+static void
+client_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+	char		line[1024];
+
+	strlcpy(line, buf, sizeof(line));
+	kb_redact_secrets(line);
+	ereport(level <= 2 ? LOG : DEBUG1,
+			(errmsg_internal("librdkafka %s: %s", fac, line)));
+}
+
+static bool
+conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, char **detail)
+{
+	char		errstr[512];
+
+	if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) == RD_KAFKA_CONF_OK)
+		return true;
+	/* the value may be a secret: never echo it */
+	*detail = psprintf("librdkafka property \"%s\": %s", name,
+					   strstr(name, "password") ? "invalid value" : errstr);
+	return false;
+}
+
+/*
+ * Create a producer or consumer from the settings in force.  Returns NULL
+ * and a user-facing *detail when librdkafka refuses the configuration.
+ */
+KbKafkaClient *
+kb_kafka_client_create(KbClientRole role, const char *client_id, char **detail)
+{
+	KbKafkaClient *client = MemoryContextAllocZero(TopMemoryContext, sizeof(KbKafkaClient));
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	char		errstr[512];
+	sigset_t	all;
+	sigset_t	saved;
+	bool		ok;
+
+	client->role = role;
+	*detail = NULL;
+
+	ok = conf_set(conf, "bootstrap.servers", kb_bootstrap_servers, detail) &&
+		conf_set(conf, "client.id", client_id, detail) &&
+		conf_set(conf, "log.queue", "true", detail) &&
+		kb_apply_property_list(conf, kb_kafka_options, detail) &&
+		kb_apply_property_list(conf,
+							   role == KB_CLIENT_PRODUCER ? kb_producer_options
+							   : kb_consumer_options,
+							   detail);
+	if (ok && role == KB_CLIENT_PRODUCER)
+		ok = conf_set(conf, "enable.idempotence", "true", detail) &&
+			conf_set(conf, "acks", "all", detail);
+	if (ok && kb_sasl_password && kb_sasl_password[0])
+		ok = conf_set(conf, "sasl.password", kb_sasl_password, detail);
+	if (ok && kb_ssl_key_password && kb_ssl_key_password[0])
+		ok = conf_set(conf, "ssl.key.password", kb_ssl_key_password, detail);
+	if (!ok)
+	{
+		rd_kafka_conf_destroy(conf);
+		pfree(client);
+		return NULL;
+	}
+
+	rd_kafka_conf_set_opaque(conf, client);
+	rd_kafka_conf_set_error_cb(conf, client_error_cb);
+	rd_kafka_conf_set_log_cb(conf, client_log_cb);
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &saved);
+	client->rk = rd_kafka_new(role == KB_CLIENT_PRODUCER ? RD_KAFKA_PRODUCER
+							  : RD_KAFKA_CONSUMER,
+							  conf, errstr, sizeof(errstr));
+	pthread_sigmask(SIG_SETMASK, &saved, NULL);
+
+	if (client->rk == NULL)
+	{
+		/* on failure the configuration is still ours */
+		rd_kafka_conf_destroy(conf);
+		kb_redact_secrets(errstr);
+		*detail = psprintf("librdkafka refused the configuration: %s", errstr);
+		pfree(client);
+		return NULL;
+	}
+	rd_kafka_set_log_queue(client->rk, NULL);
+	return client;
+}
+
+void
+kb_kafka_client_destroy(KbKafkaClient *client)
+{
+	if (client == NULL)
+		return;
+	rd_kafka_destroy(client->rk);
+	pfree(client);
+}
+
+/* Serve callbacks (errors, logs, delivery reports) without blocking. */
+void
+kb_kafka_client_poll(KbKafkaClient *client)
+{
+	rd_kafka_poll(client->rk, 0);
+}
+
+/*
+ * Ask the cluster for its brokers.  On success fills brokers with
+ * "id@host:port,..." and forgets the previous error; on failure fills error
+ * with a sentence naming the unreachable address.
+ */
+bool
+kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
+					  char *brokers, size_t brokers_size,
+					  char *error, size_t error_size)
+{
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_resp_err_t err;
+
+	err = rd_kafka_metadata(client->rk, 0, NULL, &md, timeout_ms);
+	/* collect what the brokers' threads reported meanwhile */
+	rd_kafka_poll(client->rk, 0);
+
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		for (int i = 0; i < md->broker_cnt; i++)
+			appendStringInfo(&buf, "%s%d@%s:%d", i ? "," : "",
+							 md->brokers[i].id, md->brokers[i].host,
+							 md->brokers[i].port);
+		strlcpy(brokers, buf.data, brokers_size);
+		pfree(buf.data);
+		rd_kafka_metadata_destroy(md);
+		client->last_error[0] = '\0';
+		return true;
+	}
+
+	snprintf(error, error_size, "cannot reach Kafka at \"%s\": %s",
+			 kb_bootstrap_servers,
+			 client->last_error[0] ? client->last_error : rd_kafka_err2str(err));
+	return false;
+}
+
+/*
+ * Everything a Kafka client is built from: when it changes on reload, the
+ * worker rebuilds its clients.
+ */
+char *
+kb_kafka_settings_fingerprint(void)
+{
+	return psprintf("%s\n%s\n%s\n%s\n%s\n%s",
+					kb_bootstrap_servers, kb_kafka_options, kb_producer_options,
+					kb_consumer_options, kb_sasl_password, kb_ssl_key_password);
+}

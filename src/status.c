@@ -1,0 +1,256 @@
+/*-------------------------------------------------------------------------
+ * status.c
+ *	  The shared-memory status area (one slot per database worker) and the
+ *	  function behind the kafka_bridge.status view.
+ *
+ * The launcher claims a slot for each database it starts a worker for; the
+ * worker writes its state, brokers and errors there; counters are atomics so
+ * the publish and apply loops can bump them without taking the lock.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "kafka_bridge.h"
+
+typedef struct KbStatusShared
+{
+	LWLock	   *lock;
+	KbWorkerSlot slots[KB_MAX_WORKERS];
+} KbStatusShared;
+
+static KbStatusShared *kb_status = NULL;
+
+void
+kb_status_request_shmem(void)
+{
+	RequestAddinShmemSpace(MAXALIGN(sizeof(KbStatusShared)));
+	RequestNamedLWLockTranche(KB_EXTENSION_NAME, 1);
+}
+
+void
+kb_status_init_shmem(void)
+{
+	bool		found;
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	kb_status = ShmemInitStruct("kafka_bridge status", sizeof(KbStatusShared), &found);
+	if (!found)
+	{
+		memset(kb_status, 0, sizeof(KbStatusShared));
+		kb_status->lock = &(GetNamedLWLockTranche(KB_EXTENSION_NAME))->lock;
+		for (int i = 0; i < KB_MAX_WORKERS; i++)
+		{
+			KbWorkerSlot *s = &kb_status->slots[i];
+
+			pg_atomic_init_u64(&s->events_published, 0);
+			pg_atomic_init_u64(&s->events_applied, 0);
+			pg_atomic_init_u64(&s->publish_lag_bytes, 0);
+			pg_atomic_init_u64(&s->consumer_lag, 0);
+		}
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+KbWorkerSlot *
+kb_status_slot(int index)
+{
+	Assert(kb_status != NULL && index >= 0 && index < KB_MAX_WORKERS);
+	return &kb_status->slots[index];
+}
+
+/* Slot of the database, or -1. */
+int
+kb_status_find(const char *dbname)
+{
+	int			found = -1;
+
+	LWLockAcquire(kb_status->lock, LW_SHARED);
+	for (int i = 0; i < KB_MAX_WORKERS && found < 0; i++)
+	{
+		KbWorkerSlot *s = &kb_status->slots[i];
+
+		if (s->state != KB_STATE_FREE && strcmp(NameStr(s->dbname), dbname) == 0)
+			found = i;
+	}
+	LWLockRelease(kb_status->lock);
+	return found;
+}
+
+/* Take a free slot for the database (the launcher alone calls this). */
+int
+kb_status_claim(const char *dbname)
+{
+	int			found = -1;
+
+	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < KB_MAX_WORKERS && found < 0; i++)
+	{
+		KbWorkerSlot *s = &kb_status->slots[i];
+
+		if (s->state == KB_STATE_FREE)
+		{
+			int			generation = s->generation + 1;
+
+			memset(s, 0, offsetof(KbWorkerSlot, events_published));
+			s->generation = generation;
+			namestrcpy(&s->dbname, dbname);
+			s->state = KB_STATE_STARTING;
+			pg_atomic_write_u64(&s->events_published, 0);
+			pg_atomic_write_u64(&s->events_applied, 0);
+			pg_atomic_write_u64(&s->publish_lag_bytes, 0);
+			pg_atomic_write_u64(&s->consumer_lag, 0);
+			found = i;
+		}
+	}
+	LWLockRelease(kb_status->lock);
+	if (found < 0)
+		elog(ERROR, "no free kafka_bridge status slot");
+	return found;
+}
+
+void
+kb_status_release(int index)
+{
+	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
+	kb_status->slots[index].state = KB_STATE_FREE;
+	kb_status->slots[index].pid = 0;
+	LWLockRelease(kb_status->lock);
+}
+
+void
+kb_status_set(int index, KbWorkerState state, const char *activity)
+{
+	KbWorkerSlot *s = kb_status_slot(index);
+
+	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
+	s->state = state;
+	if (activity)
+		strlcpy(s->activity, activity, sizeof(s->activity));
+	LWLockRelease(kb_status->lock);
+}
+
+void
+kb_status_set_error(int index, KbWorkerState state, const char *fmt,...)
+{
+	KbWorkerSlot *s = kb_status_slot(index);
+	char		buf[sizeof(s->last_error)];
+	va_list		ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+
+	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
+	s->state = state;
+	strlcpy(s->last_error, buf, sizeof(s->last_error));
+	s->last_error_at = GetCurrentTimestamp();
+	LWLockRelease(kb_status->lock);
+}
+
+void
+kb_status_set_brokers(int index, const char *brokers)
+{
+	KbWorkerSlot *s = kb_status_slot(index);
+
+	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
+	strlcpy(s->brokers, brokers ? brokers : "", sizeof(s->brokers));
+	LWLockRelease(kb_status->lock);
+}
+
+void
+kb_status_set_pid(int index, int pid)
+{
+	KbWorkerSlot *s = kb_status_slot(index);
+
+	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
+	s->pid = pid;
+	if (pid != 0)
+		s->started_at = GetCurrentTimestamp();
+	LWLockRelease(kb_status->lock);
+}
+
+const char *
+kb_state_name(KbWorkerState state)
+{
+	switch (state)
+	{
+		case KB_STATE_FREE:
+			return "free";
+		case KB_STATE_STARTING:
+			return "starting";
+		case KB_STATE_UNCONFIGURED:
+			return "unconfigured";
+		case KB_STATE_CONNECTING:
+			return "connecting";
+		case KB_STATE_CONNECTED:
+			return "connected";
+		case KB_STATE_ERROR:
+			return "error";
+		case KB_STATE_STOPPED:
+			return "stopped";
+	}
+	return "unknown";
+}
+
+/*
+ * kafka_bridge.worker_status(): one row per database worker slot in use.
+ * The kafka_bridge.status view selects from it.
+ */
+PG_FUNCTION_INFO_V1(kafka_bridge_worker_status);
+
+Datum
+kafka_bridge_worker_status(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	kb_require_preload("kafka_bridge.status");
+	InitMaterializedSRF(fcinfo, 0);
+
+	for (int i = 0; i < KB_MAX_WORKERS; i++)
+	{
+		KbWorkerSlot *s = &kb_status->slots[i];
+		KbWorkerSlot copy;
+		Datum		values[13];
+		bool		nulls[13] = {0};
+		int			n = 0;
+
+		LWLockAcquire(kb_status->lock, LW_SHARED);
+		memcpy(&copy, s, offsetof(KbWorkerSlot, events_published));
+		LWLockRelease(kb_status->lock);
+		if (copy.state == KB_STATE_FREE)
+			continue;
+
+		values[n++] = CStringGetTextDatum(NameStr(copy.dbname));
+		values[n] = Int32GetDatum(copy.pid);
+		nulls[n++] = (copy.pid == 0);
+		values[n++] = CStringGetTextDatum(kb_state_name(copy.state));
+		values[n++] = CStringGetTextDatum(kb_instance_id());
+		values[n] = CStringGetTextDatum(copy.brokers);
+		nulls[n++] = (copy.brokers[0] == '\0');
+		values[n] = CStringGetTextDatum(copy.activity);
+		nulls[n++] = (copy.activity[0] == '\0');
+		values[n] = CStringGetTextDatum(copy.last_error);
+		nulls[n++] = (copy.last_error[0] == '\0');
+		values[n] = TimestampTzGetDatum(copy.last_error_at);
+		nulls[n++] = (copy.last_error_at == 0);
+		values[n] = TimestampTzGetDatum(copy.started_at);
+		nulls[n++] = (copy.started_at == 0);
+		values[n++] = Int64GetDatum((int64) pg_atomic_read_u64(&s->events_published));
+		values[n++] = Int64GetDatum((int64) pg_atomic_read_u64(&s->events_applied));
+		values[n++] = Int64GetDatum((int64) pg_atomic_read_u64(&s->publish_lag_bytes));
+		values[n++] = Int64GetDatum((int64) pg_atomic_read_u64(&s->consumer_lag));
+		Assert(n == lengthof(values));
+
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
