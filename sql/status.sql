@@ -30,7 +30,8 @@ SELECT database, pid IS NOT NULL AS running, state, brokers, activity,
   FROM kafka_bridge.status;
 
 -- pg_stat_activity shows both processes and what they do
-SELECT backend_type, datname, application_name, query
+SELECT backend_type, datname, application_name,
+       regexp_replace(query, '(waiting for Kafka at [0-9.:]+).*', '\1') AS query
   FROM pg_stat_activity WHERE backend_type LIKE 'kafka\_bridge%' ORDER BY 1;
 
 -- taking the database out of the list stops its worker

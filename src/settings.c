@@ -407,7 +407,9 @@ kb_define_settings(void)
 							   "Empty means the database system identifier. Instances that sync "
 							   "through one topic must have different ids.",
 							   &kb_instance_id_setting, "",
-							   PGC_POSTMASTER, 0,
+	/* PostgreSQL allows postmaster-level settings only to preloaded modules */
+							   process_shared_preload_libraries_in_progress
+							   ? PGC_POSTMASTER : PGC_SIGHUP, 0,
 							   check_instance_id, NULL, NULL);
 
 	DefineCustomStringVariable("kafka_bridge.kafka_options",

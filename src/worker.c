@@ -170,7 +170,8 @@ worker_loop(const char *dbname)
 			}
 			if (!have_extension)
 				pgstat_report_activity(STATE_IDLE,
-									   "extension kafka_bridge is not installed in this database");
+									   psprintf("%s; extension kafka_bridge is not installed in this database",
+												kb_status_slot(my_slot)->activity));
 
 			/* probe more often while something is wrong */
 			next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),

@@ -194,6 +194,17 @@ main(int argc, char **argv)
 	 * Block the signals we wait for before librdkafka starts its threads,
 	 * so that they inherit the mask and sigwait() below gets the signals.
 	 */
+	/*
+	 * A shell starting us in the background may have set SIGINT/SIGQUIT
+	 * to be ignored; ignored signals are discarded and never reach
+	 * sigwait(), so restore the defaults first.
+	 */
+	signal(SIGTERM, SIG_DFL);
+	signal(SIGINT, SIG_DFL);
+	signal(SIGHUP, SIG_DFL);
+	signal(SIGUSR1, SIG_DFL);
+	signal(SIGUSR2, SIG_DFL);
+
 	sigemptyset(&sigs);
 	sigaddset(&sigs, SIGTERM);
 	sigaddset(&sigs, SIGINT);
