@@ -23,3 +23,8 @@ EXTRA_CLEAN = tmp_check results regression.diffs regression.out
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# the pg_regress suite, for scripts/test
+print-regress:
+	@echo $(REGRESS)
+.PHONY: print-regress
