@@ -39,3 +39,70 @@ REVOKE ALL ON kafka_bridge.status FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION kafka_bridge.worker_status() TO pg_monitor;
 GRANT SELECT ON kafka_bridge.status TO pg_monitor;
 GRANT USAGE ON SCHEMA kafka_bridge TO pg_monitor;
+
+-- ---- Publishing tables: publish.c (SQL functions), decoder.c (output plugin) ----
+
+-- A user catalog table, so that the output plugin reads it under the
+-- historic snapshot of the change it decodes: a table published at LSN X
+-- publishes the changes committed after X.  regclass rather than oid, so
+-- that pg_dump writes table names, which restore to the new OIDs.
+CREATE TABLE kafka_bridge.publications (
+	relid regclass PRIMARY KEY,
+	topic text NOT NULL,
+	event_prefix text NOT NULL,
+	format text NOT NULL CHECK (format IN ('envelope', 'flat')),
+	tombstones boolean NOT NULL DEFAULT true,
+	created_at timestamptz NOT NULL DEFAULT now()
+) WITH (user_catalog_table = true);
+
+COMMENT ON TABLE kafka_bridge.publications IS
+'published tables; change it with kafka_bridge.publish() and kafka_bridge.unpublish() only';
+
+SELECT pg_catalog.pg_extension_config_dump('kafka_bridge.publications', '');
+
+CREATE FUNCTION kafka_bridge.publish(
+	tbl regclass,
+	topic text DEFAULT NULL,
+	event_prefix text DEFAULT NULL,
+	format text DEFAULT 'envelope',
+	tombstones boolean DEFAULT true)
+RETURNS void
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_publish';
+
+COMMENT ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean) IS
+'publish the row changes of a table to Kafka (topic defaults to the table name, event prefix to it in upper case); publishing again replaces the settings';
+
+CREATE FUNCTION kafka_bridge.unpublish(tbl regclass)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_unpublish';
+
+COMMENT ON FUNCTION kafka_bridge.unpublish(regclass) IS
+'stop publishing the row changes of a table';
+
+CREATE VIEW kafka_bridge.published_tables AS
+	SELECT relid AS table_name, topic, event_prefix, format, tombstones, created_at
+	  FROM kafka_bridge.publications;
+
+COMMENT ON VIEW kafka_bridge.published_tables IS
+'the published tables, their topic, event prefix and format';
+
+-- Forget the publication of a dropped table, so that no other table
+-- inherits it with the OID.
+CREATE FUNCTION kafka_bridge.forget_dropped_tables()
+RETURNS event_trigger
+LANGUAGE C
+AS 'MODULE_PATHNAME', 'kafka_bridge_forget_dropped_tables';
+
+CREATE EVENT TRIGGER kafka_bridge_forget_dropped_tables ON sql_drop
+	EXECUTE FUNCTION kafka_bridge.forget_dropped_tables();
+
+-- Publishing sends a table's rows out of the database: only for roles an
+-- administrator grants it to, and then only for tables they own.
+REVOKE ALL ON kafka_bridge.publications FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.published_tables FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.unpublish(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.forget_dropped_tables() FROM PUBLIC;
+GRANT SELECT ON kafka_bridge.published_tables TO pg_monitor;

@@ -11,6 +11,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -43,6 +44,14 @@ kb_shmem_startup(void)
 	kb_status_init_shmem();
 }
 
+/* After a commit that wrote, wake this database's publisher. */
+static void
+kb_xact_callback(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_COMMIT && TransactionIdIsValid(GetTopTransactionIdIfAny()))
+		kb_status_wake_publishers(MyDatabaseId);
+}
+
 void
 _PG_init(void)
 {
@@ -58,6 +67,7 @@ _PG_init(void)
 	shmem_startup_hook = kb_shmem_startup;
 
 	kb_register_launcher();
+	RegisterXactCallback(kb_xact_callback, NULL);
 }
 
 /* kafka_bridge.instance_id(): the id this instance puts in its events. */

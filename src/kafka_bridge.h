@@ -80,6 +80,8 @@ typedef struct KbWorkerSlot
 	int			generation;		/* bumped each time the slot is reused */
 
 	/* set by the worker (strings under the status lock) */
+	Oid			dboid;			/* for the commit hook's wake-up */
+	struct Latch *latch;		/* the worker's latch, NULL when none runs */
 	KbWorkerState state;
 	int			pid;
 	TimestampTz started_at;
@@ -107,6 +109,8 @@ extern void kb_status_set_error(int index, KbWorkerState state,
 extern void kb_status_set_brokers(int index, const char *brokers);
 extern void kb_status_set_pid(int index, int pid);
 extern const char *kb_state_name(KbWorkerState state);
+extern void kb_status_set_latch(int index, Oid dboid, struct Latch *latch);
+extern void kb_status_wake_publishers(Oid dboid);
 
 /* ---- launcher.c / worker.c ---- */
 
@@ -117,15 +121,33 @@ extern PGDLLEXPORT void kafka_bridge_worker_main(Datum arg);
 /* ---- kafka_client.c ---- */
 
 typedef struct KbKafkaClient KbKafkaClient;
+typedef void (*KbDeliveryCallback) (rd_kafka_t *rk, const rd_kafka_message_t *msg,
+									void *opaque);
 
 extern KbKafkaClient *kb_kafka_client_create(KbClientRole role,
 											 const char *client_id,
+											 KbDeliveryCallback on_delivery,
 											 char **detail);
+extern rd_kafka_t *kb_kafka_client_handle(KbKafkaClient *client);
 extern void kb_kafka_client_destroy(KbKafkaClient *client);
 extern void kb_kafka_client_poll(KbKafkaClient *client);
 extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 								  char *brokers, size_t brokers_size,
 								  char *error, size_t error_size);
 extern char *kb_kafka_settings_fingerprint(void);
+
+/* ---- publisher.c ---- */
+
+typedef struct KbPublisher KbPublisher;
+
+extern KbPublisher *kb_publisher_start(int status_slot, KbKafkaClient *client);
+extern void kb_publisher_stop(KbPublisher *pub);
+extern bool kb_publisher_step(KbPublisher *pub, int budget_ms,
+							  char *error, size_t error_size);
+extern bool kb_publisher_caught_up(KbPublisher *pub);
+extern bool kb_publisher_pending(KbPublisher *pub);
+extern void kb_publisher_delivery_report(rd_kafka_t *rk,
+										 const rd_kafka_message_t *msg,
+										 void *opaque);
 
 #endif							/* KAFKA_BRIDGE_H */

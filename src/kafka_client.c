@@ -70,7 +70,8 @@ conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, char **deta
  * and a user-facing *detail when librdkafka refuses the configuration.
  */
 KbKafkaClient *
-kb_kafka_client_create(KbClientRole role, const char *client_id, char **detail)
+kb_kafka_client_create(KbClientRole role, const char *client_id,
+					   KbDeliveryCallback on_delivery, char **detail)
 {
 	KbKafkaClient *client = MemoryContextAllocZero(TopMemoryContext, sizeof(KbKafkaClient));
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -82,9 +83,17 @@ kb_kafka_client_create(KbClientRole role, const char *client_id, char **detail)
 	client->role = role;
 	*detail = NULL;
 
+	/*
+	 * Defaults the user may override: a record waits for the broker as long
+	 * as it takes (an outage delays, never drops), and the producer queue is
+	 * bounded so that an outage holds the worker's memory at a fixed size.
+	 */
 	ok = conf_set(conf, "bootstrap.servers", kb_bootstrap_servers, detail) &&
 		conf_set(conf, "client.id", client_id, detail) &&
 		conf_set(conf, "log.queue", "true", detail) &&
+		(role != KB_CLIENT_PRODUCER ||
+		 (conf_set(conf, "message.timeout.ms", "0", detail) &&
+		  conf_set(conf, "queue.buffering.max.kbytes", "65536", detail))) &&
 		kb_apply_property_list(conf, kb_kafka_options, detail) &&
 		kb_apply_property_list(conf,
 							   role == KB_CLIENT_PRODUCER ? kb_producer_options
@@ -107,6 +116,8 @@ kb_kafka_client_create(KbClientRole role, const char *client_id, char **detail)
 	rd_kafka_conf_set_opaque(conf, client);
 	rd_kafka_conf_set_error_cb(conf, client_error_cb);
 	rd_kafka_conf_set_log_cb(conf, client_log_cb);
+	if (on_delivery)
+		rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
 
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &saved);
@@ -128,13 +139,26 @@ kb_kafka_client_create(KbClientRole role, const char *client_id, char **detail)
 	return client;
 }
 
+/*
+ * Destroy a client.  Records still queued or in flight are dropped, not
+ * waited for: the publisher only ever drops what it has not confirmed, and
+ * decodes it again.
+ */
 void
 kb_kafka_client_destroy(KbKafkaClient *client)
 {
 	if (client == NULL)
 		return;
+	if (client->role == KB_CLIENT_PRODUCER)
+		rd_kafka_purge(client->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 	rd_kafka_destroy(client->rk);
 	pfree(client);
+}
+
+rd_kafka_t *
+kb_kafka_client_handle(KbKafkaClient *client)
+{
+	return client->rk;
 }
 
 /* Serve callbacks (errors, logs, delivery reports) without blocking. */

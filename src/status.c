@@ -14,6 +14,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
+#include "storage/latch.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
 #include "utils/builtins.h"
@@ -176,6 +177,37 @@ kb_status_set_pid(int index, int pid)
 	if (pid != 0)
 		s->started_at = GetCurrentTimestamp();
 	LWLockRelease(kb_status->lock);
+}
+
+void
+kb_status_set_latch(int index, Oid dboid, Latch *latch)
+{
+	KbWorkerSlot *s = kb_status_slot(index);
+
+	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
+	s->dboid = dboid;
+	s->latch = latch;
+	LWLockRelease(kb_status->lock);
+}
+
+/*
+ * Called at the commit of every transaction that wrote: wake the worker of
+ * the database so it publishes at once rather than at its next timeout.
+ * Reads without the lock: the worst a stale read does is a spurious wake-up.
+ */
+void
+kb_status_wake_publishers(Oid dboid)
+{
+	if (kb_status == NULL)
+		return;
+	for (int i = 0; i < KB_MAX_WORKERS; i++)
+	{
+		KbWorkerSlot *s = &kb_status->slots[i];
+		Latch	   *latch = s->latch;
+
+		if (latch != NULL && s->dboid == dboid)
+			SetLatch(latch);
+	}
 }
 
 const char *

@@ -19,6 +19,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/pmsignal.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
@@ -34,6 +35,7 @@ static int	my_slot = -1;
 static void
 worker_on_exit(int code, Datum arg)
 {
+	kb_status_set_latch(my_slot, InvalidOid, NULL);
 	kb_status_set_pid(my_slot, 0);
 }
 
@@ -98,17 +100,107 @@ probe_brokers(KbKafkaClient *client, const char *dbname)
 	}
 }
 
+/* What the worker holds between two turns of its loop. */
+typedef struct WorkerState
+{
+	const char *dbname;
+	char	   *client_id;
+	KbKafkaClient *client;		/* the producer; NULL until it can be built */
+	KbPublisher *pub;			/* NULL until the extension and a client exist */
+	bool		have_extension;
+	TimestampTz next_probe;
+	TimestampTz publish_retry_at;
+	int			backoff_ms;		/* after a failed delivery, doubling */
+} WorkerState;
+
+/* Drop the publisher and the producer; both are built again later. */
+static void
+drop_kafka(WorkerState *w)
+{
+	kb_publisher_stop(w->pub);
+	w->pub = NULL;
+	kb_kafka_client_destroy(w->client);
+	w->client = NULL;
+}
+
+/* Periodic work: extension present?  client built?  brokers reachable? */
+static void
+check_and_probe(WorkerState *w)
+{
+	if (!w->have_extension)
+		w->have_extension = extension_installed();
+
+	if (kb_bootstrap_servers[0] == '\0')
+		report(KB_STATE_UNCONFIGURED, "waiting for kafka_bridge.bootstrap_servers to be set");
+	else
+	{
+		if (w->client == NULL)
+		{
+			char	   *detail;
+
+			w->client = kb_kafka_client_create(KB_CLIENT_PRODUCER, w->client_id,
+											   kb_publisher_delivery_report, &detail);
+			if (w->client == NULL)
+			{
+				kb_status_set_error(my_slot, KB_STATE_ERROR, "%s", detail);
+				report(KB_STATE_ERROR, "waiting for a usable Kafka configuration");
+				ereport(LOG,
+						(errmsg("kafka_bridge worker for database \"%s\" cannot create a Kafka client",
+								w->dbname),
+						 errdetail("%s", detail)));
+			}
+			else
+				report(KB_STATE_CONNECTING, "connecting to Kafka");
+		}
+		if (w->client)
+			probe_brokers(w->client, w->dbname);
+	}
+	if (!w->have_extension)
+		pgstat_report_activity(STATE_IDLE,
+							   psprintf("%s; extension kafka_bridge is not installed in this database",
+										kb_status_slot(my_slot)->activity));
+
+	/* probe more often while something is wrong */
+	w->next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+												kb_status_slot(my_slot)->state == KB_STATE_CONNECTED
+												? kb_probe_interval * 1000L : 1000L);
+}
+
+/* One turn of publishing; on a failed delivery, start again after a backoff. */
+static void
+publish_step(WorkerState *w)
+{
+	char		error[512];
+
+	if (kb_publisher_step(w->pub, 100, error, sizeof(error)))
+	{
+		w->backoff_ms = 0;
+		return;
+	}
+	w->backoff_ms = Min(Max(w->backoff_ms * 2, 1000), 30000);
+	kb_status_set_error(my_slot, KB_STATE_ERROR, "%s", error);
+	report(KB_STATE_ERROR, "publishing again from the confirmed position after an error");
+	ereport(LOG,
+			(errmsg("kafka_bridge worker for database \"%s\" restarts publishing in %d ms", w->dbname,
+					w->backoff_ms),
+			 errdetail("%s", error),
+			 errhint("Records not acknowledged by the broker are published again from the slot's confirmed position.")));
+	drop_kafka(w);
+	w->publish_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), w->backoff_ms);
+	w->next_probe = w->publish_retry_at;
+}
+
 static void
 worker_loop(const char *dbname)
 {
-	KbKafkaClient *client = NULL;
+	WorkerState w = {0};
 	char	   *fingerprint = kb_kafka_settings_fingerprint();
-	TimestampTz next_probe = 0;
-	bool		have_extension = false;
-	char	   *client_id = psprintf("kafka_bridge-%s-%s", kb_instance_id(), dbname);
 	MemoryContext loop_cxt = AllocSetContextCreate(TopMemoryContext,
 												   "kafka_bridge worker loop",
 												   ALLOCSET_DEFAULT_SIZES);
+
+	w.dbname = dbname;
+	w.client_id = psprintf("kafka_bridge-%s-%s", kb_instance_id(), dbname);
 
 	for (;;)
 	{
@@ -131,60 +223,37 @@ worker_loop(const char *dbname)
 				ereport(LOG,
 						(errmsg("kafka_bridge worker for database \"%s\" is reconnecting with the reloaded Kafka settings",
 								dbname)));
-				kb_kafka_client_destroy(client);
-				client = NULL;
-				next_probe = 0;
+				drop_kafka(&w);
+				w.next_probe = 0;
 			}
 			pfree(fingerprint);
 			fingerprint = MemoryContextStrdup(TopMemoryContext, now_fp);
 		}
 
 		now = GetCurrentTimestamp();
-		if (now >= next_probe)
-		{
-			if (!have_extension)
-				have_extension = extension_installed();
+		if (now >= w.next_probe)
+			check_and_probe(&w);
 
-			if (kb_bootstrap_servers[0] == '\0')
-				report(KB_STATE_UNCONFIGURED, "waiting for kafka_bridge.bootstrap_servers to be set");
-			else
-			{
-				if (client == NULL)
-				{
-					char	   *detail;
+		if (w.pub == NULL && w.client && w.have_extension && now >= w.publish_retry_at)
+			w.pub = kb_publisher_start(my_slot, w.client);
 
-					client = kb_kafka_client_create(KB_CLIENT_PRODUCER, client_id, &detail);
-					if (client == NULL)
-					{
-						kb_status_set_error(my_slot, KB_STATE_ERROR, "%s", detail);
-						report(KB_STATE_ERROR, "waiting for a usable Kafka configuration");
-						ereport(LOG,
-								(errmsg("kafka_bridge worker for database \"%s\" cannot create a Kafka client", dbname),
-								 errdetail("%s", detail)));
-					}
-					else
-						report(KB_STATE_CONNECTING, "connecting to Kafka");
-				}
-				if (client)
-					probe_brokers(client, dbname);
-			}
-			if (!have_extension)
-				pgstat_report_activity(STATE_IDLE,
-									   psprintf("%s; extension kafka_bridge is not installed in this database",
-												kb_status_slot(my_slot)->activity));
+		if (w.pub)
+			publish_step(&w);
+		else if (w.client)
+			kb_kafka_client_poll(w.client);
 
-			/* probe more often while something is wrong */
-			next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													 kb_status_slot(my_slot)->state == KB_STATE_CONNECTED
-													 ? kb_probe_interval * 1000L : 1000L);
-		}
-
-		if (client)
-			kb_kafka_client_poll(client);
-
-		nap = Min(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_probe), 1000L);
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 Max(nap, 1L), PG_WAIT_EXTENSION);
+		/* no sleep while WAL waits; short naps while acknowledgements do */
+		if (w.pub && !kb_publisher_caught_up(w.pub))
+			nap = 0;
+		else if (w.pub && kb_publisher_pending(w.pub))
+			nap = 10;
+		else
+			nap = Min(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), w.next_probe), 1000L);
+		if (nap > 0)
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 nap, PG_WAIT_EXTENSION);
+		else if (!PostmasterIsAlive())
+			proc_exit(1);
 		ResetLatch(MyLatch);
 	}
 }
@@ -211,6 +280,7 @@ kafka_bridge_worker_main(Datum arg)
 
 	BackgroundWorkerInitializeConnection(dbname, NULL, 0);
 	pgstat_report_appname("kafka_bridge");
+	kb_status_set_latch(my_slot, MyDatabaseId, MyLatch);
 
 	PG_TRY();
 	{

@@ -10,9 +10,11 @@ use Exporter 'import';
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use JSON::PP;
+use Time::HiRes qw(usleep);
 
 our @EXPORT = qw(kb_node kafka_bootstrap kafka_port kafka_stop kafka_start
-  kb_wait_state kb_status);
+  kb_wait_state kb_status kafka_records kafka_wait_records kb_wait_slot);
 
 sub _env
 {
@@ -86,6 +88,61 @@ sub kb_wait_state
 	$dbname //= 'postgres';
 	return $node->poll_query_until('postgres',
 		"SELECT state = '$state' FROM kafka_bridge.status WHERE database = '$dbname'");
+}
+
+# Every record of a topic, from the beginning, read with kcat from the real
+# broker: a list of { key, value, headers => { name => value }, partition,
+# offset }.  An empty list when the topic does not exist (yet).
+sub kafka_records
+{
+	my ($topic) = @_;
+	my $bootstrap = kafka_bootstrap();
+	my @out = `kcat -C -b '$bootstrap' -t '$topic' -o beginning -e -q -J 2>/dev/null`;
+	my $json = JSON::PP->new->utf8(0);
+	my @records;
+	for my $line (@out)
+	{
+		chomp $line;
+		next unless $line =~ /^\{/;
+		my $r = $json->decode($line);
+		my %h = @{ $r->{headers} // [] };
+		push @records,
+		  {
+			key       => $r->{key},
+			value     => $r->{payload},
+			headers   => \%h,
+			partition => $r->{partition},
+			offset    => $r->{offset}
+		  };
+	}
+	return @records;
+}
+
+# Wait (up to $timeout seconds, default 120) until the topic holds at least
+# $count records; returns them.
+sub kafka_wait_records
+{
+	my ($topic, $count, $timeout) = @_;
+	$timeout //= 120;
+	my @records;
+	for (my $waited = 0; $waited < $timeout * 10; $waited++)
+	{
+		@records = kafka_records($topic);
+		return @records if @records >= $count;
+		usleep(100_000);
+	}
+	diag("topic $topic holds " . scalar(@records) . " records, expected $count");
+	return @records;
+}
+
+# Wait until the worker has created the database's replication slot.
+sub kb_wait_slot
+{
+	my ($node, $dbname) = @_;
+	$dbname //= 'postgres';
+	return $node->poll_query_until($dbname,
+		"SELECT count(*) = 1 FROM pg_replication_slots WHERE slot_name = 'kafka_bridge_' || "
+		  . "(SELECT oid FROM pg_database WHERE datname = current_database())");
 }
 
 1;

@@ -1,0 +1,1017 @@
+/*-------------------------------------------------------------------------
+ * decoder.c
+ *	  The kafka_bridge logical decoding output plugin: one Kafka record per
+ *	  committed row change of a published table.
+ *
+ * A slot made with pg_create_logical_replication_slot('s', 'kafka_bridge')
+ * (or pg_recvlogical -P kafka_bridge) gives, per change, the record that
+ * goes to Kafka: topic, key, value and headers.  docs/events.md describes
+ * the records; kafka_bridge.publications (publish.c) says which tables are
+ * published, under which topic and event names, in which format.
+ *
+ * Options, all parsed strictly (an unknown, repeated or bad one is an error
+ * naming it):
+ *	output				json (default): each record as one line of JSON text,
+ *						for pg_recvlogical and pg_logical_slot_get_changes;
+ *						kafka: the binary frames below, for the publisher
+ *	include-xids		put the transaction id in events (default true)
+ *	include-timestamp	put the commit time in events (default true)
+ *	include-lsn			put the commit LSN in events and headers (default true)
+ *	all-tables			also emit unpublished tables, with the default topic
+ *						and prefix and the envelope format (default false)
+ *	include-origins		also emit changes that carry a replication origin,
+ *						as those kafka_bridge applies from Kafka do
+ *						(default false: they are filtered out, so no echo)
+ *
+ * Frames of output 'kafka' (constants in event_codec.h), one
+ * OutputPluginWrite each, integers in network byte order:
+ *
+ *	record	byte 'R'
+ *			int32 topic length, topic bytes
+ *			int32 key length or -1 for a null key, key bytes
+ *			int32 value length or -1 for a null value (tombstone), value bytes
+ *			int16 header count, then per header: int16 name length, name
+ *			bytes, int32 value length, value bytes
+ *	commit	byte 'C'
+ *			int64 end LSN of the commit record (confirm the slot up to here
+ *			once Kafka has acknowledged every record before it)
+ *			int64 LSN of the commit record
+ *			int64 commit timestamp (TimestampTz)
+ *			int32 transaction id
+ *
+ * A commit frame ends each transaction that produced at least one record;
+ * a transaction without any published change produces nothing at all.
+ *
+ * Which tables are published is cached per relation and invalidated by the
+ * relcache invalidations that publish() and unpublish() send, and that
+ * decoding replays at their place in the WAL.  Large transactions are not
+ * streamed: they spill to disk and are decoded at commit.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/tupconvert.h"
+#include "catalog/namespace.h"
+#include "catalog/partition.h"
+#include "catalog/pg_index.h"
+#include "catalog/pg_namespace.h"
+#include "lib/ilist.h"
+#include "libpq/pqformat.h"
+#include "replication/logical.h"
+#include "replication/origin.h"
+#include "replication/output_plugin.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
+#include "utils/syscache.h"
+
+#include "event_codec.h"
+#include "kafka_bridge.h"
+
+extern PGDLLEXPORT void _PG_output_plugin_init(OutputPluginCallbacks *cb);
+
+/* How often a long run of changes lets the walsender send a keepalive. */
+#define KB_CHANGES_PER_PROGRESS 100
+
+typedef enum KbOutput
+{
+	KB_OUTPUT_JSON,
+	KB_OUTPUT_KAFKA
+} KbOutput;
+
+typedef enum KbEvent
+{
+	KB_PUT,
+	KB_DELETE,
+	KB_TRUNCATE,
+	KB_NUM_EVENTS
+} KbEvent;
+
+static const char *const event_suffix[KB_NUM_EVENTS] = {
+	KB_EVENT_PUT, KB_EVENT_DELETE, KB_EVENT_TRUNCATE
+};
+
+/* The plugin's state for one decoding session. */
+typedef struct KbDecodingData
+{
+	MemoryContext cache_cxt;	/* the relation cache */
+	MemoryContext change_cxt;	/* reset after each change */
+
+	/* options */
+	KbOutput	output;
+	bool		include_xids;
+	bool		include_timestamp;
+	bool		include_lsn;
+	bool		all_tables;
+	bool		include_origins;
+
+	/* the transaction being decoded */
+	bool		txn_has_records;
+	bool		txn_meta_ready;
+	int			changes_since_progress;
+	char		origin[128];	/* instance id */
+	StringInfoData origin_json;
+	char		lsn[32];		/* commit LSN as %X/%X */
+	StringInfoData txn_meta;	/* the transaction's envelope fields */
+
+	/* scratch */
+	StringInfoData key;
+	StringInfoData old_key;
+	int			value_start;	/* where the value length goes in a frame */
+
+	/* the relation cache (KbRelEntry by relid), in cache_cxt */
+	HTAB	   *relations;
+	dlist_node	live;			/* in live_sessions while cache_cxt exists */
+} KbDecodingData;
+
+/* What the plugin knows about one relation whose changes it decodes. */
+typedef struct KbRelEntry
+{
+	Oid			relid;			/* hash key */
+	bool		valid;			/* false once invalidated */
+	bool		published;
+	MemoryContext cxt;			/* everything below */
+
+	Oid			target_relid;	/* the published table: relid or an ancestor */
+	TupleConversionMap *map;	/* partition row to ancestor row, or NULL */
+	TupleDesc	target_desc;	/* the ancestor's descriptor, when mapped */
+	int			natts;			/* of the relation, when not mapped */
+	bool		identity_full;	/* old rows carry every column */
+
+	KbEventFormat format;
+	bool		tombstones;
+	char	   *topic;
+	int			topic_len;
+	char	   *topic_json;
+	char	   *table_json;		/* quoted schema-qualified name, as JSON */
+	char	   *event[KB_NUM_EVENTS];
+	char	   *event_json[KB_NUM_EVENTS];
+	KbRowShape *shape;
+} KbRelEntry;
+
+/*
+ * The decoding sessions of this process whose relation caches exist, for
+ * the invalidation callbacks, which are registered once per process.  A
+ * session leaves the list when its cache's memory context goes, with
+ * ctx->context, even on error.  There is normally one (a walsender, a
+ * pg_logical_slot_*_changes() call); a worker that decodes in-process may
+ * briefly have another while it creates a slot.
+ */
+static dlist_head live_sessions = DLIST_STATIC_INIT(live_sessions);
+static bool kb_callbacks_registered = false;
+
+static void kb_startup(LogicalDecodingContext *ctx, OutputPluginOptions *opt,
+					   bool is_init);
+static void kb_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn);
+static void kb_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+					  XLogRecPtr commit_lsn);
+static void kb_change(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+					  Relation relation, ReorderBufferChange *change);
+static void kb_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+						int nrelations, Relation relations[],
+						ReorderBufferChange *change);
+static void kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+					   XLogRecPtr message_lsn, bool transactional,
+					   const char *prefix, Size message_size,
+					   const char *message);
+static bool kb_filter_by_origin(LogicalDecodingContext *ctx,
+								RepOriginId origin_id);
+
+void
+_PG_output_plugin_init(OutputPluginCallbacks *cb)
+{
+	cb->startup_cb = kb_startup;
+	cb->begin_cb = kb_begin;
+	cb->change_cb = kb_change;
+	cb->truncate_cb = kb_truncate;
+	cb->commit_cb = kb_commit;
+	cb->message_cb = kb_message;
+	cb->filter_by_origin_cb = kb_filter_by_origin;
+}
+
+/* ---- options ---- */
+
+static void
+option_given_twice(const char *name)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_SYNTAX_ERROR),
+			 errmsg("kafka_bridge option \"%s\" is given more than once", name)));
+}
+
+static void
+parse_options(List *options, KbDecodingData *data)
+{
+	struct
+	{
+		const char *name;
+		bool	   *value;
+		bool		seen;
+	}			flags[] = {
+		{"include-xids", &data->include_xids, false},
+		{"include-timestamp", &data->include_timestamp, false},
+		{"include-lsn", &data->include_lsn, false},
+		{"all-tables", &data->all_tables, false},
+		{"include-origins", &data->include_origins, false},
+	};
+	bool		output_seen = false;
+	ListCell   *lc;
+
+	data->output = KB_OUTPUT_JSON;
+	data->include_xids = true;
+	data->include_timestamp = true;
+	data->include_lsn = true;
+	data->all_tables = false;
+	data->include_origins = false;
+
+	foreach(lc, options)
+	{
+		DefElem    *elem = lfirst(lc);
+		const char *value = elem->arg ? strVal(elem->arg) : NULL;
+		bool		known = false;
+
+		if (strcmp(elem->defname, "output") == 0)
+		{
+			if (output_seen)
+				option_given_twice(elem->defname);
+			output_seen = true;
+			if (value != NULL && strcmp(value, "json") == 0)
+				data->output = KB_OUTPUT_JSON;
+			else if (value != NULL && strcmp(value, "kafka") == 0)
+				data->output = KB_OUTPUT_KAFKA;
+			else
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 value == NULL ?
+						 errmsg("kafka_bridge option \"%s\" needs a value", elem->defname) :
+						 errmsg("invalid value \"%s\" for kafka_bridge option \"%s\"",
+								value, elem->defname),
+						 errhint("Option \"output\" takes \"json\" or \"kafka\".")));
+			continue;
+		}
+
+		for (int i = 0; i < lengthof(flags); i++)
+		{
+			if (strcmp(elem->defname, flags[i].name) != 0)
+				continue;
+			if (flags[i].seen)
+				option_given_twice(elem->defname);
+			flags[i].seen = true;
+			known = true;
+			/* a boolean option without a value means true */
+			if (value == NULL)
+				*flags[i].value = true;
+			else if (!parse_bool(value, flags[i].value))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("invalid value \"%s\" for kafka_bridge option \"%s\"",
+								value, elem->defname),
+						 errhint("Option \"%s\" takes a boolean value, such as on or off.",
+								 elem->defname)));
+			break;
+		}
+		if (!known)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unrecognized kafka_bridge option \"%s\"", elem->defname),
+					 errhint("The options are \"output\", \"include-xids\", \"include-timestamp\", "
+							 "\"include-lsn\", \"all-tables\" and \"include-origins\".")));
+	}
+}
+
+/* ---- relation cache ---- */
+
+static void
+invalidate_relation(Datum arg, Oid relid)
+{
+	dlist_iter	iter;
+
+	dlist_foreach(iter, &live_sessions)
+	{
+		KbDecodingData *data = dlist_container(KbDecodingData, live, iter.cur);
+		HASH_SEQ_STATUS status;
+		KbRelEntry *entry;
+
+		/*
+		 * A partition's entry depends on its published ancestor too, so look
+		 * at every entry; there are as many as tables with decoded changes.
+		 */
+		hash_seq_init(&status, data->relations);
+		while ((entry = hash_seq_search(&status)) != NULL)
+		{
+			if (!OidIsValid(relid) || entry->relid == relid ||
+				entry->target_relid == relid)
+				entry->valid = false;
+		}
+	}
+}
+
+/* A schema renamed: every cached table name may be stale. */
+static void
+invalidate_namespaces(Datum arg, int cacheid, uint32 hashvalue)
+{
+	invalidate_relation(arg, InvalidOid);
+}
+
+static void
+forget_relation_cache(void *arg)
+{
+	KbDecodingData *data = arg;
+
+	dlist_delete(&data->live);
+	data->relations = NULL;
+}
+
+static void
+create_relation_cache(KbDecodingData *data)
+{
+	HASHCTL		ctl;
+	MemoryContextCallback *forget;
+
+	ctl.keysize = sizeof(Oid);
+	ctl.entrysize = sizeof(KbRelEntry);
+	ctl.hcxt = data->cache_cxt;
+	data->relations = hash_create("kafka_bridge relation cache", 64, &ctl,
+								  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	/* data lives in ctx->context, the parent: still there when this runs */
+	forget = MemoryContextAlloc(data->cache_cxt, sizeof(MemoryContextCallback));
+	forget->func = forget_relation_cache;
+	forget->arg = data;
+	MemoryContextRegisterResetCallback(data->cache_cxt, forget);
+	dlist_push_tail(&live_sessions, &data->live);
+
+	if (!kb_callbacks_registered)
+	{
+		CacheRegisterRelcacheCallback(invalidate_relation, (Datum) 0);
+		CacheRegisterSyscacheCallback(NAMESPACEOID, invalidate_namespaces, (Datum) 0);
+		kb_callbacks_registered = true;
+	}
+}
+
+/* The key columns of an index, as a set offset like the relcache's. */
+static Bitmapset *
+index_key_columns(Oid indexoid)
+{
+	HeapTuple	tuple = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(indexoid));
+	Form_pg_index index;
+	Bitmapset  *columns = NULL;
+
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for index %u", indexoid);
+	index = (Form_pg_index) GETSTRUCT(tuple);
+	for (int i = 0; i < index->indnkeyatts; i++)
+	{
+		AttrNumber	attnum = index->indkey.values[i];
+
+		if (attnum > 0)
+			columns = bms_add_member(columns, attnum - FirstLowInvalidHeapAttributeNumber);
+	}
+	ReleaseSysCache(tuple);
+	return columns;
+}
+
+static char *
+json_string(const char *str)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	kb_append_json_string(&buf, str);
+	return buf.data;
+}
+
+/*
+ * Fill entry for relation: is it published, as which table, under which
+ * names, with which columns and key.  Runs under the historic snapshot of
+ * the change being decoded, so it sees the catalog as of that change.
+ */
+static void
+build_entry(KbDecodingData *data, KbRelEntry *entry, Relation relation)
+{
+	Oid			relid = RelationGetRelid(relation);
+	Oid			own_schema;
+	KbPublication pub;
+	bool		found;
+	Relation	target;
+	Bitmapset  *key_columns = NULL;
+	bool		all_key = false;
+	MemoryContext old;
+
+	if (entry->cxt)
+		MemoryContextDelete(entry->cxt);
+	entry->cxt = AllocSetContextCreate(data->cache_cxt, "kafka_bridge relation",
+									   ALLOCSET_SMALL_SIZES);
+	entry->published = false;
+	entry->target_relid = relid;
+	entry->map = NULL;
+	entry->target_desc = NULL;
+
+	/*
+	 * Valid from now on: an invalidation that arrives while this runs (catalog
+	 * access can accept some) makes the next change build the entry again.
+	 */
+	entry->valid = true;
+
+	old = MemoryContextSwitchTo(entry->cxt);
+
+	/* kafka_bridge's own tables are never events, even with all-tables */
+	own_schema = get_namespace_oid(KB_SCHEMA_NAME, true);
+	if (OidIsValid(own_schema) && RelationGetNamespace(relation) == own_schema)
+	{
+		MemoryContextSwitchTo(old);
+		return;
+	}
+
+	/* the table itself, else its nearest published ancestor */
+	found = kb_lookup_publication(relid, &pub);
+	if (!found && relation->rd_rel->relispartition)
+	{
+		ListCell   *lc;
+
+		foreach(lc, get_partition_ancestors(relid))
+		{
+			if (kb_lookup_publication(lfirst_oid(lc), &pub))
+			{
+				entry->target_relid = lfirst_oid(lc);
+				found = true;
+				break;
+			}
+		}
+	}
+	if (!found && data->all_tables)
+	{
+		pub.topic = kb_default_topic(RelationGetRelationName(relation));
+		pub.event_prefix = kb_default_event_prefix(RelationGetRelationName(relation));
+		pub.format = KB_FORMAT_ENVELOPE;
+		pub.tombstones = true;
+		found = true;
+	}
+	if (!found)
+	{
+		MemoryContextSwitchTo(old);
+		return;
+	}
+
+	if (entry->target_relid == relid)
+		target = relation;
+	else
+	{
+		target = RelationIdGetRelation(entry->target_relid);
+		if (!RelationIsValid(target))
+			elog(ERROR, "could not open relation with OID %u", entry->target_relid);
+		entry->target_desc = CreateTupleDescCopyConstr(RelationGetDescr(target));
+		entry->map = convert_tuples_by_name(CreateTupleDescCopyConstr(RelationGetDescr(relation)),
+											entry->target_desc);
+	}
+	entry->natts = RelationGetDescr(relation)->natts;
+	entry->identity_full = relation->rd_rel->relreplident == REPLICA_IDENTITY_FULL;
+
+	/*
+	 * The key: the replica identity index, or with REPLICA IDENTITY FULL the
+	 * primary key if there is one (a stable key keeps a row's events in one
+	 * partition and lets compaction work), else every column.
+	 */
+	if (target->rd_rel->relreplident == REPLICA_IDENTITY_FULL)
+	{
+		Oid			pkey = RelationGetPrimaryKeyIndex(target);
+
+		if (OidIsValid(pkey))
+			key_columns = index_key_columns(pkey);
+		else
+			all_key = true;
+	}
+	else if (OidIsValid(RelationGetReplicaIndex(target)))
+		key_columns = index_key_columns(RelationGetReplicaIndex(target));
+	entry->shape = kb_row_shape_create(RelationGetDescr(target), key_columns,
+									   all_key, entry->cxt);
+
+	entry->format = pub.format;
+	entry->tombstones = pub.tombstones && pub.format == KB_FORMAT_ENVELOPE;
+	entry->topic = pub.topic;
+	entry->topic_len = strlen(pub.topic);
+	entry->topic_json = json_string(pub.topic);
+	entry->table_json =
+		json_string(quote_qualified_identifier(get_namespace_name(RelationGetNamespace(target)),
+											   RelationGetRelationName(target)));
+	for (int i = 0; i < KB_NUM_EVENTS; i++)
+	{
+		entry->event[i] = psprintf("%s-%s", pub.event_prefix, event_suffix[i]);
+		entry->event_json[i] = json_string(entry->event[i]);
+	}
+
+	if (target != relation)
+		RelationClose(target);
+	entry->published = true;
+	MemoryContextSwitchTo(old);
+}
+
+static KbRelEntry *
+get_entry(KbDecodingData *data, Relation relation)
+{
+	Oid			relid = RelationGetRelid(relation);
+	KbRelEntry *entry;
+	bool		found;
+
+	entry = hash_search(data->relations, &relid, HASH_ENTER, &found);
+	if (!found)
+	{
+		entry->valid = false;
+		entry->published = false;
+		entry->cxt = NULL;
+		entry->target_relid = InvalidOid;
+	}
+
+	/* the descriptor check is a safety net; invalidations should suffice */
+	if (!entry->valid ||
+		(entry->published && entry->map == NULL &&
+		 entry->natts != RelationGetDescr(relation)->natts))
+		build_entry(data, entry, relation);
+	return entry;
+}
+
+/* ---- records ---- */
+
+/*
+ * The per-transaction parts of events, made when a transaction's first
+ * record is: the commit LSN and time, known at BEGIN since decoding only
+ * starts at the commit record.
+ */
+static void
+prepare_transaction(KbDecodingData *data, ReorderBufferTXN *txn)
+{
+	StringInfo	meta = &data->txn_meta;
+
+	if (data->txn_meta_ready)
+		return;
+
+	strlcpy(data->origin, kb_instance_id(), sizeof(data->origin));
+	resetStringInfo(&data->origin_json);
+	kb_append_json_string(&data->origin_json, data->origin);
+	snprintf(data->lsn, sizeof(data->lsn), "%X/%X", LSN_FORMAT_ARGS(txn->final_lsn));
+
+	resetStringInfo(meta);
+	appendStringInfoString(meta, ",\"origin\":");
+	appendBinaryStringInfo(meta, data->origin_json.data, data->origin_json.len);
+	if (data->include_lsn)
+		appendStringInfo(meta, ",\"lsn\":\"%s\"", data->lsn);
+	if (data->include_timestamp)
+	{
+		appendStringInfoString(meta, ",\"commit_time\":");
+		kb_append_timestamptz(meta, txn->xact_time.commit_time);
+	}
+	if (data->include_xids)
+		appendStringInfo(meta, ",\"xid\":%u", txn->xid);
+	data->txn_meta_ready = true;
+}
+
+static void
+send_string(StringInfo out, const char *str, int len)
+{
+	pq_sendint32(out, len);
+	pq_sendbytes(out, str, len);
+}
+
+static void
+send_header(StringInfo out, const char *name, const char *value)
+{
+	int			len = strlen(name);
+
+	pq_sendint16(out, len);
+	pq_sendbytes(out, name, len);
+	send_string(out, value, strlen(value));
+}
+
+/*
+ * Start a record in ctx->out: everything up to the value, which the caller
+ * then appends unless it is null.  key NULL means a null key; flat records
+ * are keyed by event type whatever key says.
+ */
+static void
+record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
+			 KbRelEntry *entry, KbEvent event, StringInfo key,
+			 bool null_value, bool last_write)
+{
+	StringInfo	out = ctx->out;
+
+	OutputPluginPrepareWrite(ctx, last_write);
+	if (data->output == KB_OUTPUT_KAFKA)
+	{
+		pq_sendbyte(out, KB_FRAME_RECORD);
+		send_string(out, entry->topic, entry->topic_len);
+		if (entry->format == KB_FORMAT_FLAT)
+			send_string(out, entry->event[event], strlen(entry->event[event]));
+		else if (key != NULL)
+			send_string(out, key->data, key->len);
+		else
+			pq_sendint32(out, -1);
+		data->value_start = out->len;
+		pq_sendint32(out, -1);	/* the value's length, once known */
+		return;
+	}
+
+	appendStringInfoString(out, "{\"topic\":");
+	appendStringInfoString(out, entry->topic_json);
+	appendStringInfoString(out, ",\"key\":");
+	if (entry->format == KB_FORMAT_FLAT)
+		appendStringInfoString(out, entry->event_json[event]);
+	else if (key != NULL)
+		appendBinaryStringInfo(out, key->data, key->len);
+	else
+		appendStringInfoString(out, "null");
+	appendStringInfoString(out, ",\"headers\":{\"event\":");
+	appendStringInfoString(out, entry->event_json[event]);
+	appendStringInfoString(out, ",\"origin\":");
+	appendBinaryStringInfo(out, data->origin_json.data, data->origin_json.len);
+	if (data->include_lsn)
+	{
+		appendStringInfoString(out, ",\"lsn\":\"");
+		appendStringInfoString(out, data->lsn);
+		appendStringInfoChar(out, '"');
+	}
+	appendStringInfoString(out, "},\"value\":");
+	if (null_value)
+		appendStringInfoString(out, "null");
+}
+
+/* Finish and write the record record_begin started. */
+static void
+record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
+		   KbRelEntry *entry, KbEvent event, bool null_value, bool last_write)
+{
+	StringInfo	out = ctx->out;
+
+	if (data->output == KB_OUTPUT_KAFKA)
+	{
+		if (!null_value)
+		{
+			uint32		len = pg_hton32(out->len - data->value_start - 4);
+
+			memcpy(out->data + data->value_start, &len, sizeof(len));
+		}
+		pq_sendint16(out, data->include_lsn ? 3 : 2);
+		send_header(out, KB_HEADER_EVENT, entry->event[event]);
+		send_header(out, KB_HEADER_ORIGIN, data->origin);
+		if (data->include_lsn)
+			send_header(out, KB_HEADER_LSN, data->lsn);
+	}
+	else
+		appendStringInfoChar(out, '}');
+	OutputPluginWrite(ctx, last_write);
+	data->txn_has_records = true;
+}
+
+/* The envelope up to its row: {"event":...,"table":...,...,"row": */
+static void
+envelope_begin(StringInfo out, KbDecodingData *data, KbRelEntry *entry,
+			   KbEvent event)
+{
+	appendStringInfoString(out, "{\"event\":");
+	appendStringInfoString(out, entry->event_json[event]);
+	appendStringInfoString(out, ",\"table\":");
+	appendStringInfoString(out, entry->table_json);
+	appendBinaryStringInfo(out, data->txn_meta.data, data->txn_meta.len);
+	appendStringInfoString(out, ",\"row\":");
+}
+
+/*
+ * Deform a tuple of the decoded relation into values and nulls of the
+ * published table (converting a partition's row to its ancestor's).
+ */
+static void
+deform_row(KbRelEntry *entry, Relation relation, HeapTuple tuple,
+		   Datum **values, bool **nulls)
+{
+	TupleDesc	desc = RelationGetDescr(relation);
+
+	if (entry->map)
+	{
+		tuple = execute_attr_map_tuple(tuple, entry->map);
+		desc = entry->target_desc;
+	}
+	*values = palloc(sizeof(Datum) * Max(desc->natts, 1));
+	*nulls = palloc(sizeof(bool) * Max(desc->natts, 1));
+	heap_deform_tuple(tuple, desc, *values, *nulls);
+}
+
+/* The event key of a row in buf; false when it has none (key is null). */
+static bool
+build_key(KbRelEntry *entry, StringInfo buf, Datum *values, bool *nulls)
+{
+	resetStringInfo(buf);
+	if (values == NULL || entry->shape->nkeys == 0)
+		return false;
+	/* a key column that is an unchanged TOAST pointer leaves no key */
+	return kb_append_row(buf, entry->shape, values, nulls, KB_ROW_KEY, NULL) == 0;
+}
+
+static void
+emit_put(LogicalDecodingContext *ctx, KbDecodingData *data, KbRelEntry *entry,
+		 StringInfo key, Datum *values, bool *nulls)
+{
+	StringInfo	out = ctx->out;
+
+	record_begin(ctx, data, entry, KB_PUT, key, false, true);
+	if (entry->format == KB_FORMAT_ENVELOPE)
+	{
+		int		   *unchanged = palloc(sizeof(int) * Max(entry->shape->ncolumns, 1));
+		int			nunchanged;
+
+		envelope_begin(out, data, entry, KB_PUT);
+		nunchanged = kb_append_row(out, entry->shape, values, nulls,
+								   KB_ROW_ALL, unchanged);
+		if (nunchanged > 0)
+		{
+			appendStringInfoString(out, ",\"unchanged\":[");
+			for (int i = 0; i < nunchanged; i++)
+			{
+				KbColumn   *col = &entry->shape->columns[unchanged[i]];
+
+				if (i > 0)
+					appendStringInfoChar(out, ',');
+				appendBinaryStringInfo(out, col->json_name, col->json_name_len);
+			}
+			appendStringInfoChar(out, ']');
+		}
+		appendStringInfoChar(out, '}');
+	}
+	else
+		(void) kb_append_row(out, entry->shape, values, nulls, KB_ROW_ALL, NULL);
+	record_end(ctx, data, entry, KB_PUT, false, true);
+}
+
+/*
+ * A DELETE event, then (envelope format, tombstones on, a key) its
+ * tombstone.  values is the old row: its identity columns, or every column
+ * with REPLICA IDENTITY FULL; NULL when the table has no replica identity,
+ * and then the event has a null key and row.
+ */
+static void
+emit_delete(LogicalDecodingContext *ctx, KbDecodingData *data,
+			KbRelEntry *entry, StringInfo key, Datum *values, bool *nulls,
+			bool last_write)
+{
+	StringInfo	out = ctx->out;
+	KbRowPart	part = entry->identity_full ? KB_ROW_ALL : KB_ROW_KEY;
+	bool		tombstone = entry->tombstones && key != NULL;
+	bool		flat_null = entry->format == KB_FORMAT_FLAT && values == NULL;
+
+	record_begin(ctx, data, entry, KB_DELETE, key, flat_null,
+				 last_write && !tombstone);
+	if (entry->format == KB_FORMAT_ENVELOPE)
+	{
+		envelope_begin(out, data, entry, KB_DELETE);
+		if (values != NULL)
+			(void) kb_append_row(out, entry->shape, values, nulls, part, NULL);
+		else
+			appendStringInfoString(out, "null");
+		appendStringInfoChar(out, '}');
+	}
+	else if (values != NULL)
+		(void) kb_append_row(out, entry->shape, values, nulls, part, NULL);
+	record_end(ctx, data, entry, KB_DELETE, flat_null, last_write && !tombstone);
+
+	if (tombstone)
+	{
+		record_begin(ctx, data, entry, KB_DELETE, key, true, last_write);
+		record_end(ctx, data, entry, KB_DELETE, true, last_write);
+	}
+}
+
+/* ---- callbacks ---- */
+
+static void
+kb_startup(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bool is_init)
+{
+	KbDecodingData *data;
+	MemoryContext old;
+
+	data = MemoryContextAllocZero(ctx->context, sizeof(KbDecodingData));
+	data->cache_cxt = AllocSetContextCreate(ctx->context,
+											"kafka_bridge relation cache",
+											ALLOCSET_DEFAULT_SIZES);
+	data->change_cxt = AllocSetContextCreate(ctx->context,
+											 "kafka_bridge change",
+											 ALLOCSET_DEFAULT_SIZES);
+	parse_options(ctx->output_plugin_options, data);
+
+	old = MemoryContextSwitchTo(ctx->context);
+	initStringInfo(&data->origin_json);
+	initStringInfo(&data->txn_meta);
+	initStringInfo(&data->key);
+	initStringInfo(&data->old_key);
+	MemoryContextSwitchTo(old);
+
+	create_relation_cache(data);
+
+	opt->output_type = data->output == KB_OUTPUT_KAFKA ?
+		OUTPUT_PLUGIN_BINARY_OUTPUT : OUTPUT_PLUGIN_TEXTUAL_OUTPUT;
+	opt->receive_rewrites = false;
+	ctx->output_plugin_private = data;
+}
+
+static void
+kb_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	/* nothing is written until the transaction has a record */
+	data->txn_has_records = false;
+	data->txn_meta_ready = false;
+}
+
+static void
+kb_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+		  XLogRecPtr commit_lsn)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	/* lets the walsender confirm and keep alive past skipped transactions */
+	OutputPluginUpdateProgress(ctx, !data->txn_has_records);
+	data->changes_since_progress = 0;
+
+	if (data->txn_has_records && data->output == KB_OUTPUT_KAFKA)
+	{
+		OutputPluginPrepareWrite(ctx, true);
+		pq_sendbyte(ctx->out, KB_FRAME_COMMIT);
+		pq_sendint64(ctx->out, txn->end_lsn);
+		pq_sendint64(ctx->out, commit_lsn);
+		pq_sendint64(ctx->out, txn->xact_time.commit_time);
+		pq_sendint32(ctx->out, txn->xid);
+		OutputPluginWrite(ctx, true);
+	}
+	data->txn_has_records = false;
+	data->txn_meta_ready = false;
+}
+
+/*
+ * In a long run of changes that produce nothing, let the walsender send a
+ * keepalive now and then, so the receiver does not time out.
+ */
+static void
+update_progress(LogicalDecodingContext *ctx, KbDecodingData *data)
+{
+	if (++data->changes_since_progress >= KB_CHANGES_PER_PROGRESS)
+	{
+		OutputPluginUpdateProgress(ctx, false);
+		data->changes_since_progress = 0;
+	}
+}
+
+static void
+kb_change(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+		  Relation relation, ReorderBufferChange *change)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+	KbRelEntry *entry;
+	HeapTuple	newtuple;
+	HeapTuple	oldtuple;
+	Datum	   *newvalues = NULL;
+	bool	   *newnulls = NULL;
+	Datum	   *oldvalues = NULL;
+	bool	   *oldnulls = NULL;
+	bool		has_key;
+	MemoryContext old;
+
+	update_progress(ctx, data);
+	entry = get_entry(data, relation);
+	if (!entry->published)
+		return;
+
+	old = MemoryContextSwitchTo(data->change_cxt);
+	prepare_transaction(data, txn);
+
+	newtuple = change->data.tp.newtuple ? &change->data.tp.newtuple->tuple : NULL;
+	oldtuple = change->data.tp.oldtuple ? &change->data.tp.oldtuple->tuple : NULL;
+	if (newtuple)
+		deform_row(entry, relation, newtuple, &newvalues, &newnulls);
+	if (oldtuple)
+		deform_row(entry, relation, oldtuple, &oldvalues, &oldnulls);
+
+	switch (change->action)
+	{
+		case REORDER_BUFFER_CHANGE_INSERT:
+			if (newtuple == NULL)
+				break;
+			has_key = build_key(entry, &data->key, newvalues, newnulls);
+			emit_put(ctx, data, entry, has_key ? &data->key : NULL,
+					 newvalues, newnulls);
+			break;
+
+		case REORDER_BUFFER_CHANGE_UPDATE:
+			if (newtuple == NULL)
+				break;
+			if (oldtuple)
+			{
+				/*
+				 * The old row is logged when the key changed, when it has
+				 * TOASTed key columns, and always with REPLICA IDENTITY FULL.
+				 * An unchanged TOASTed column of the new row then has its
+				 * value there.
+				 */
+				for (int i = 0; i < entry->shape->ncolumns; i++)
+				{
+					KbColumn   *col = &entry->shape->columns[i];
+					int			n = col->attnum - 1;
+
+					if (!newnulls[n] && !oldnulls[n] &&
+						kb_datum_is_unchanged_toast(newvalues[n], col) &&
+						!kb_datum_is_unchanged_toast(oldvalues[n], col))
+						newvalues[n] = oldvalues[n];
+				}
+			}
+			has_key = build_key(entry, &data->key, newvalues, newnulls);
+
+			/*
+			 * A new key is a new Kafka record key: delete the row under its
+			 * old key first, or consumers and compacted topics would keep it.
+			 */
+			if (oldtuple &&
+				build_key(entry, &data->old_key, oldvalues, oldnulls) &&
+				(!has_key || strcmp(data->key.data, data->old_key.data) != 0))
+				emit_delete(ctx, data, entry, &data->old_key, oldvalues,
+							oldnulls, false);
+			emit_put(ctx, data, entry, has_key ? &data->key : NULL,
+					 newvalues, newnulls);
+			break;
+
+		case REORDER_BUFFER_CHANGE_DELETE:
+			has_key = build_key(entry, &data->key, oldvalues, oldnulls);
+			emit_delete(ctx, data, entry, has_key ? &data->key : NULL,
+						oldvalues, oldnulls, true);
+			break;
+
+		default:
+			elog(ERROR, "unexpected change type %d", (int) change->action);
+	}
+
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(data->change_cxt);
+}
+
+/*
+ * One TRUNCATE event per truncated published table.  A partition whose
+ * events go out as its ancestor's is skipped: truncating the ancestor lists
+ * the ancestor too, and a partition truncated alone must not look like its
+ * whole ancestor truncated.
+ */
+static void
+kb_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+			int nrelations, Relation relations[], ReorderBufferChange *change)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+	KbRelEntry **targets;
+	int			ntargets = 0;
+	MemoryContext old;
+
+	update_progress(ctx, data);
+	targets = MemoryContextAlloc(data->change_cxt, sizeof(KbRelEntry *) * nrelations);
+	for (int i = 0; i < nrelations; i++)
+	{
+		KbRelEntry *entry = get_entry(data, relations[i]);
+
+		if (entry->published && entry->target_relid == entry->relid)
+			targets[ntargets++] = entry;
+	}
+	old = MemoryContextSwitchTo(data->change_cxt);
+	if (ntargets > 0)
+		prepare_transaction(data, txn);
+	for (int i = 0; i < ntargets; i++)
+	{
+		KbRelEntry *entry = targets[i];
+		bool		last = (i == ntargets - 1);
+		bool		flat = entry->format == KB_FORMAT_FLAT;
+
+		record_begin(ctx, data, entry, KB_TRUNCATE, NULL, flat, last);
+		if (!flat)
+		{
+			envelope_begin(ctx->out, data, entry, KB_TRUNCATE);
+			appendStringInfoString(ctx->out, "null}");
+		}
+		record_end(ctx, data, entry, KB_TRUNCATE, flat, last);
+	}
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(data->change_cxt);
+}
+
+/* Logical messages: kafka_bridge.send() will use them; nothing yet. */
+static void
+kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+		   XLogRecPtr message_lsn, bool transactional, const char *prefix,
+		   Size message_size, const char *message)
+{
+}
+
+/* Changes kafka_bridge applied from Kafka carry an origin: no echo. */
+static bool
+kb_filter_by_origin(LogicalDecodingContext *ctx, RepOriginId origin_id)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	return origin_id != InvalidRepOriginId && !data->include_origins;
+}

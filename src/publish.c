@@ -1,0 +1,540 @@
+/*-------------------------------------------------------------------------
+ * publish.c
+ *	  Which tables are published, and as what: the SQL functions
+ *	  kafka_bridge.publish() and kafka_bridge.unpublish(), the event trigger
+ *	  that forgets dropped tables, and the lookup the output plugin uses.
+ *
+ * The publications live in kafka_bridge.publications, a user catalog table,
+ * so that the output plugin reads it under the historic snapshot of the
+ * change it decodes: a table published at LSN X publishes the changes
+ * committed after X, and nothing before.  These functions write the table
+ * directly rather than through SQL, so that a table's owner can publish it
+ * without any right on the catalog itself, and then send a relcache
+ * invalidation for the table; logical decoding replays it at the same point
+ * of the WAL, which is how the output plugin's cache learns of the change.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/table.h"
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/catalog.h"
+#include "catalog/indexing.h"
+#include "catalog/namespace.h"
+#include "catalog/objectaddress.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_collation.h"
+#include "catalog/pg_inherits.h"
+#include "commands/event_trigger.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/formatting.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+
+#include "event_codec.h"
+
+/* Kafka's limit on topic names (Topic.MAX_NAME_LENGTH) */
+#define KB_TOPIC_MAX_LEN 249
+
+/*
+ * Short enough that a catalog row is never TOASTed: decoding could not
+ * follow a TOAST pointer of a catalog row whose TOAST table VACUUM FULL
+ * rewrote since.
+ */
+#define KB_EVENT_PREFIX_MAX_LEN 200
+
+PG_FUNCTION_INFO_V1(kafka_bridge_publish);
+PG_FUNCTION_INFO_V1(kafka_bridge_unpublish);
+PG_FUNCTION_INFO_V1(kafka_bridge_forget_dropped_tables);
+
+/* The topic a table is published to when none is given: its name. */
+char *
+kb_default_topic(const char *relname)
+{
+	return pstrdup(relname);
+}
+
+/* The event prefix when none is given: the table name in upper case. */
+char *
+kb_default_event_prefix(const char *relname)
+{
+	return str_toupper(relname, strlen(relname), DEFAULT_COLLATION_OID);
+}
+
+/*
+ * Whether relid exists now, as opposed to in the historic snapshot being
+ * decoded.  Decoding opens a user catalog table through its current
+ * pg_class row, and errors out when there is none: the WAL written before
+ * DROP EXTENSION kafka_bridge could then never be decoded.
+ */
+static bool
+relation_exists_now(Oid relid)
+{
+	Relation	classrel = table_open(RelationRelationId, AccessShareLock);
+	Snapshot	snapshot = RegisterSnapshot(GetNonHistoricCatalogSnapshot(RelationRelationId));
+	ScanKeyData key;
+	SysScanDesc scan;
+	bool		found;
+
+	ScanKeyInit(&key, Anum_pg_class_oid, BTEqualStrategyNumber, F_OIDEQ,
+				ObjectIdGetDatum(relid));
+	scan = systable_beginscan(classrel, ClassOidIndexId, true, snapshot, 1, &key);
+	found = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	table_close(classrel, AccessShareLock);
+	return found;
+}
+
+/*
+ * Open kafka_bridge.publications, or return NULL when it does not exist
+ * (the extension is not installed in this database, or not as of the
+ * historic snapshot being decoded).
+ */
+static Relation
+open_publications(LOCKMODE lockmode)
+{
+	Oid			nspid = get_namespace_oid(KB_SCHEMA_NAME, true);
+	Oid			relid;
+
+	if (!OidIsValid(nspid))
+		return NULL;
+	relid = get_relname_relid(KB_PUBLICATIONS_NAME, nspid);
+	if (!OidIsValid(relid))
+		return NULL;
+	/* dropped since: nothing was published through it any more */
+	if (HistoricSnapshotActive() && !relation_exists_now(relid))
+		return NULL;
+	return table_open(relid, lockmode);
+}
+
+/* Same, for the SQL functions, which belong to the extension. */
+static Relation
+open_publications_or_error(LOCKMODE lockmode)
+{
+	Relation	rel = open_publications(lockmode);
+
+	if (rel == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"%s.%s\" does not exist",
+						KB_SCHEMA_NAME, KB_PUBLICATIONS_NAME),
+				 errhint("Reinstall the extension with DROP EXTENSION kafka_bridge and CREATE EXTENSION kafka_bridge.")));
+	return rel;
+}
+
+/*
+ * Start a scan of the publications catalog for one table: by primary key,
+ * or during decoding by reading the (small) table, because decoding sees a
+ * user catalog table's heap through its current file but an index through
+ * the file it had then, which VACUUM FULL may have removed.
+ */
+static SysScanDesc
+begin_scan_for(Relation catalog, Oid relid, ScanKeyData *key)
+{
+	bool		use_index = !HistoricSnapshotActive();
+
+	ScanKeyInit(key, Anum_kb_publications_relid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(relid));
+	return systable_beginscan(catalog,
+							  use_index ? RelationGetPrimaryKeyIndex(catalog) : InvalidOid,
+							  use_index, NULL, 1, key);
+}
+
+/*
+ * Read the publication of relid into *pub (strings palloc'd in the current
+ * memory context).  Returns false when the table is not published.
+ *
+ * The output plugin calls this during decoding, where the scan sees the
+ * catalog as of the change being decoded.
+ */
+bool
+kb_lookup_publication(Oid relid, KbPublication *pub)
+{
+	Relation	catalog = open_publications(AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	bool		found = false;
+
+	if (catalog == NULL)
+		return false;
+	scan = begin_scan_for(catalog, relid, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+	{
+		TupleDesc	desc = RelationGetDescr(catalog);
+		bool		isnull;
+		Datum		d;
+		char	   *format;
+
+		d = heap_getattr(tuple, Anum_kb_publications_topic, desc, &isnull);
+		pub->topic = isnull ? NULL : TextDatumGetCString(d);
+		d = heap_getattr(tuple, Anum_kb_publications_event_prefix, desc, &isnull);
+		pub->event_prefix = isnull ? NULL : TextDatumGetCString(d);
+		d = heap_getattr(tuple, Anum_kb_publications_format, desc, &isnull);
+		format = isnull ? NULL : TextDatumGetCString(d);
+		d = heap_getattr(tuple, Anum_kb_publications_tombstones, desc, &isnull);
+		pub->tombstones = isnull ? true : DatumGetBool(d);
+
+		/* the functions below never store these, but a superuser could */
+		if (pub->topic == NULL || pub->event_prefix == NULL || format == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("publication of table with OID %u in %s.%s has a null column",
+							relid, KB_SCHEMA_NAME, KB_PUBLICATIONS_NAME),
+					 errhint("Publish the table again with kafka_bridge.publish().")));
+		pub->format = strcmp(format, "flat") == 0 ? KB_FORMAT_FLAT : KB_FORMAT_ENVELOPE;
+		found = true;
+	}
+	systable_endscan(scan);
+	table_close(catalog, AccessShareLock);
+	return found;
+}
+
+static KbEventFormat
+parse_format(const char *name)
+{
+	if (strcmp(name, "envelope") == 0)
+		return KB_FORMAT_ENVELOPE;
+	if (strcmp(name, "flat") == 0)
+		return KB_FORMAT_FLAT;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("invalid event format \"%s\"", name),
+			 errhint("The accepted formats are \"envelope\" and \"flat\".")));
+	return KB_FORMAT_ENVELOPE;	/* keep the compiler quiet */
+}
+
+/*
+ * Refuse a name Kafka would refuse (its rules for topic names), now rather
+ * than in the publisher, where it would stop the table's events.
+ */
+static void
+check_topic(const char *topic, bool is_default)
+{
+	const char *detail = NULL;
+	size_t		len = strlen(topic);
+
+	if (len == 0)
+		detail = "A topic name cannot be empty.";
+	else if (len > KB_TOPIC_MAX_LEN)
+		detail = "A topic name has at most 249 characters.";
+	else if (strcmp(topic, ".") == 0 || strcmp(topic, "..") == 0)
+		detail = "Kafka does not accept \".\" and \"..\" as topic names.";
+	else
+	{
+		for (const char *p = topic; *p; p++)
+		{
+			if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+				  (*p >= '0' && *p <= '9') || *p == '.' || *p == '_' || *p == '-'))
+			{
+				detail = "A topic name may contain only ASCII letters, digits, \".\", \"_\" and \"-\".";
+				break;
+			}
+		}
+	}
+	if (detail == NULL)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_NAME),
+			 errmsg("invalid Kafka topic name \"%s\"", topic),
+			 errdetail("%s", detail),
+			 is_default ?
+			 errhint("The topic defaults to the table's name; give another with the topic argument of kafka_bridge.publish().") : 0));
+}
+
+/*
+ * Check that the current user owns relid (superusers own everything), then
+ * lock it against concurrent publish and ALTER TABLE, but not against DML.
+ * The check comes before the lock so that nobody can block a table they do
+ * not own.
+ */
+static Relation
+open_owned_table(Oid relid)
+{
+	Relation	rel;
+	char		relkind = get_rel_relkind(relid);
+
+	if (relkind == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation with OID %u does not exist", relid)));
+	if (!pg_class_ownercheck(relid, GetUserId()))
+		aclcheck_error(ACLCHECK_NOT_OWNER, get_relkind_objtype(relkind),
+					   get_rel_name(relid));
+	rel = relation_open(relid, ShareUpdateExclusiveLock);
+	return rel;
+}
+
+/* The kinds of table whose changes logical decoding sees, and nothing else. */
+static void
+check_publishable(Relation rel)
+{
+	const char *name = RelationGetRelationName(rel);
+	char		relkind = rel->rd_rel->relkind;
+
+	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("cannot publish relation \"%s\"", name),
+				 errdetail_relkind_not_supported(relkind),
+				 errhint("Only plain and partitioned tables can be published.")));
+	if (IsCatalogRelation(rel))
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("cannot publish system catalog \"%s\"", name)));
+	if (RelationGetNamespace(rel) == get_namespace_oid(KB_SCHEMA_NAME, true))
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("cannot publish table \"%s\" of kafka_bridge itself", name),
+				 errdetail("The output plugin never emits the tables of schema \"%s\".",
+						   KB_SCHEMA_NAME)));
+	if (rel->rd_rel->relpersistence == RELPERSISTENCE_TEMP)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot publish temporary table \"%s\"", name),
+				 errdetail("Changes to temporary tables are not written to the WAL, so logical decoding never sees them.")));
+	if (rel->rd_rel->relpersistence == RELPERSISTENCE_UNLOGGED)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot publish unlogged table \"%s\"", name),
+				 errdetail("Changes to unlogged tables are not written to the WAL, so logical decoding never sees them."),
+				 errhint("Make it a logged table with ALTER TABLE %s SET LOGGED.",
+						 quote_identifier(name))));
+
+	/*
+	 * Events are keyed by the replica identity, and a DELETE only carries
+	 * the old row's identity columns: without one, a delete could not say
+	 * which row it removes.
+	 */
+	if (rel->rd_rel->relreplident != REPLICA_IDENTITY_FULL &&
+		!OidIsValid(RelationGetReplicaIndex(rel)))
+	{
+		char	   *qualified = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+														   name);
+
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cannot publish table \"%s\" because it has no replica identity", name),
+				 errdetail("Events are keyed by the primary key or replica identity, and a DELETE carries only those columns of the old row."),
+				 errhint("Add a primary key with ALTER TABLE %s ADD PRIMARY KEY (...), or make every column the identity with ALTER TABLE %s REPLICA IDENTITY FULL.",
+						 qualified, qualified)));
+	}
+}
+
+/*
+ * Tell the output plugin, in this process and in every decoding of the WAL
+ * to come, that the publication of rel changed.  For a partitioned table
+ * this covers every partition, whose changes are the ones decoded.
+ */
+static void
+invalidate_publication(Relation rel)
+{
+	Oid			relid = RelationGetRelid(rel);
+
+	if (rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE)
+	{
+		List	   *all = find_all_inheritors(relid, AccessShareLock, NULL);
+		ListCell   *lc;
+
+		foreach(lc, all)
+			CacheInvalidateRelcacheByRelid(lfirst_oid(lc));
+	}
+	else
+		CacheInvalidateRelcacheByRelid(relid);
+	/* so that the rest of this transaction sees the new catalog row */
+	CommandCounterIncrement();
+}
+
+/* Insert or update the publication of relid. */
+static void
+store_publication(Oid relid, const char *topic, const char *prefix,
+				  KbEventFormat format, bool tombstones)
+{
+	Relation	catalog = open_publications_or_error(RowExclusiveLock);
+	TupleDesc	desc = RelationGetDescr(catalog);
+	Datum		values[Natts_kb_publications];
+	bool		nulls[Natts_kb_publications];
+	bool		replace[Natts_kb_publications];
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	old;
+	HeapTuple	tuple;
+
+	memset(nulls, false, sizeof(nulls));
+	memset(replace, false, sizeof(replace));
+	values[Anum_kb_publications_relid - 1] = ObjectIdGetDatum(relid);
+	values[Anum_kb_publications_topic - 1] = CStringGetTextDatum(topic);
+	values[Anum_kb_publications_event_prefix - 1] = CStringGetTextDatum(prefix);
+	values[Anum_kb_publications_format - 1] =
+		CStringGetTextDatum(format == KB_FORMAT_FLAT ? "flat" : "envelope");
+	values[Anum_kb_publications_tombstones - 1] = BoolGetDatum(tombstones);
+	values[Anum_kb_publications_created_at - 1] =
+		TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+
+	scan = begin_scan_for(catalog, relid, &key);
+	old = systable_getnext(scan);
+	if (HeapTupleIsValid(old))
+	{
+		/* published again: new settings, same creation time */
+		replace[Anum_kb_publications_topic - 1] = true;
+		replace[Anum_kb_publications_event_prefix - 1] = true;
+		replace[Anum_kb_publications_format - 1] = true;
+		replace[Anum_kb_publications_tombstones - 1] = true;
+		tuple = heap_modify_tuple(old, desc, values, nulls, replace);
+		CatalogTupleUpdate(catalog, &old->t_self, tuple);
+	}
+	else
+	{
+		tuple = heap_form_tuple(desc, values, nulls);
+		CatalogTupleInsert(catalog, tuple);
+	}
+	systable_endscan(scan);
+	table_close(catalog, NoLock);
+}
+
+/*
+ * kafka_bridge.publish(tbl, topic, event_prefix, format, tombstones):
+ * publish a table's changes, or change how an already published table is
+ * published (every argument then replaces the previous setting).
+ */
+Datum
+kafka_bridge_publish(PG_FUNCTION_ARGS)
+{
+	Oid			relid;
+	Relation	rel;
+	const char *relname;
+	char	   *topic;
+	char	   *prefix;
+	KbEventFormat format;
+	bool		tombstones;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the table to publish must not be null")));
+	relid = PG_GETARG_OID(0);
+	format = parse_format(PG_ARGISNULL(3) ? "envelope" :
+						  text_to_cstring(PG_GETARG_TEXT_PP(3)));
+	tombstones = PG_ARGISNULL(4) ? true : PG_GETARG_BOOL(4);
+
+	rel = open_owned_table(relid);
+	check_publishable(rel);
+	relname = RelationGetRelationName(rel);
+
+	topic = PG_ARGISNULL(1) ? kb_default_topic(relname) :
+		text_to_cstring(PG_GETARG_TEXT_PP(1));
+	check_topic(topic, PG_ARGISNULL(1));
+
+	prefix = PG_ARGISNULL(2) ? kb_default_event_prefix(relname) :
+		text_to_cstring(PG_GETARG_TEXT_PP(2));
+	if (prefix[0] == '\0' || strlen(prefix) > KB_EVENT_PREFIX_MAX_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid event prefix \"%s\"", prefix),
+				 errdetail("An event prefix has between 1 and %d bytes.",
+						   KB_EVENT_PREFIX_MAX_LEN),
+				 errhint("Events are named <prefix>-PUT, <prefix>-DELETE and <prefix>-TRUNCATE; the prefix defaults to the table name in upper case.")));
+
+	if (format == KB_FORMAT_FLAT)
+	{
+		/* flat records are keyed by event type, and compaction needs row keys */
+		tombstones = false;
+		ereport(NOTICE,
+				(errmsg("flat events of table \"%s\" are keyed by event type, not by row", relname),
+				 errdetail("Kafka keeps records in order only within a partition, and the changes to one row may go to different partitions."),
+				 errhint("Give topic \"%s\" a single partition if the order of the changes to a row matters.", topic)));
+	}
+
+	/* recorded all the same: it applies once the server decodes again */
+	if (!XLogLogicalInfoActive())
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("changes of table \"%s\" are not published while wal_level is below \"logical\"",
+						relname),
+				 errhint("Set wal_level = logical in postgresql.conf and restart the server.")));
+
+	store_publication(relid, topic, prefix, format, tombstones);
+	invalidate_publication(rel);
+	relation_close(rel, NoLock);
+	PG_RETURN_VOID();
+}
+
+/* kafka_bridge.unpublish(tbl): stop publishing a table's changes. */
+Datum
+kafka_bridge_unpublish(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	Relation	rel = open_owned_table(relid);
+	Relation	catalog = open_publications_or_error(RowExclusiveLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+
+	scan = begin_scan_for(catalog, relid, &key);
+	tuple = systable_getnext(scan);
+	if (!HeapTupleIsValid(tuple))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("table \"%s\" is not published", RelationGetRelationName(rel)),
+				 errhint("The view kafka_bridge.published_tables lists the published tables.")));
+	CatalogTupleDelete(catalog, &tuple->t_self);
+	systable_endscan(scan);
+	table_close(catalog, NoLock);
+
+	invalidate_publication(rel);
+	relation_close(rel, NoLock);
+	PG_RETURN_VOID();
+}
+
+/*
+ * The sql_drop event trigger: forget the publications of tables that no
+ * longer exist, so that a dropped table does not linger in the catalog (where
+ * pg_dump could not name it) and a new table that happens to get its OID is
+ * not published by mistake.  It runs as whoever drops, and needs no right
+ * on the catalog.
+ */
+Datum
+kafka_bridge_forget_dropped_tables(PG_FUNCTION_ARGS)
+{
+	Relation	catalog;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+
+	if (!CALLED_AS_EVENT_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("function \"%s\" must be fired by an event trigger",
+						"kafka_bridge.forget_dropped_tables")));
+
+	catalog = open_publications(RowExclusiveLock);
+	if (catalog == NULL)
+		PG_RETURN_NULL();
+	scan = systable_beginscan(catalog, InvalidOid, false, NULL, 0, NULL);
+	while (HeapTupleIsValid(tuple = systable_getnext(scan)))
+	{
+		bool		isnull;
+		Oid			relid = DatumGetObjectId(heap_getattr(tuple, Anum_kb_publications_relid,
+														  RelationGetDescr(catalog),
+														  &isnull));
+
+		if (!isnull && !SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+			CatalogTupleDelete(catalog, &tuple->t_self);
+	}
+	systable_endscan(scan);
+	table_close(catalog, NoLock);
+	PG_RETURN_NULL();
+}

@@ -1,0 +1,412 @@
+/*-------------------------------------------------------------------------
+ * publisher.c
+ *	  The publishing half of the database worker: decodes the database's WAL
+ *	  in-process through the kafka_bridge output plugin, hands each record to
+ *	  the librdkafka producer, and confirms the replication slot only past
+ *	  transactions whose every record the broker acknowledged.
+ *
+ * Decoding runs in the worker itself, as pg_logical_slot_get_changes() does
+ * it: no replication connection and no pg_hba.conf entry.  The plugin runs
+ * with output 'kafka' and writes binary frames (see decoder.c): a record
+ * frame per Kafka record, a commit frame at the end of each transaction that
+ * produced records.
+ *
+ * Every transaction with records gets an entry in a FIFO, in commit order;
+ * each record produced counts against its entry, each acknowledgement
+ * (delivery report) counts it down.  The slot's confirmed position moves to
+ * the commit end of the newest fully acknowledged transaction at the head of
+ * the FIFO, or, when nothing is pending, to where decoding stands, so an idle
+ * database does not retain WAL.  Any failed delivery drops the decoding
+ * context and the producer: the worker starts again from the confirmed
+ * position (at-least-once; the apply side recognises replays).
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "access/xlogutils.h"
+#include "lib/ilist.h"
+#include "libpq/pqformat.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "nodes/makefuncs.h"
+#include "replication/decode.h"
+#include "replication/logical.h"
+#include "replication/slot.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/pmsignal.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "event_codec.h"
+#include "kafka_bridge.h"
+
+/* A decoded transaction whose records are not all acknowledged yet. */
+typedef struct PendingTxn
+{
+	dlist_node	node;
+	XLogRecPtr	end_lsn;		/* commit end; valid once committed */
+	bool		committed;		/* its commit frame was seen */
+	int64		outstanding;	/* records produced, not acknowledged */
+} PendingTxn;
+
+struct KbPublisher
+{
+	int			status_slot;
+	char		slot_name[NAMEDATALEN];
+	KbKafkaClient *client;
+	LogicalDecodingContext *ctx;
+	MemoryContext cxt;			/* PendingTxn entries */
+	dlist_head	pending;		/* oldest first */
+	PendingTxn *open_txn;		/* receiving records, no commit frame yet */
+	XLogRecPtr	confirmed;		/* last position given to the slot */
+	XLogRecPtr	saved;			/* last confirmed position written to disk */
+	TimestampTz saved_at;
+	bool		failed;			/* a delivery failed: start again */
+	char		failure[512];
+};
+
+/* the delivery-report callback has no other way to find its publisher */
+static KbPublisher *current = NULL;
+
+/* Slot name of a database: one slot per database the worker serves. */
+static void
+slot_name_for(char *buf, Oid dboid)
+{
+	snprintf(buf, NAMEDATALEN, "kafka_bridge_%u", dboid);
+}
+
+/*
+ * Called by librdkafka (from rd_kafka_poll, on the worker's thread) once per
+ * record: acknowledged by the brokers, or failed for good.
+ */
+void
+kb_publisher_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
+{
+	KbPublisher *pub = current;
+	PendingTxn *txn = (PendingTxn *) msg->_private;
+
+	if (pub == NULL || txn == NULL)
+		return;
+	if (msg->err)
+	{
+		if (!pub->failed)
+			snprintf(pub->failure, sizeof(pub->failure),
+					 "delivery to topic \"%s\" partition %d failed: %s",
+					 rd_kafka_topic_name(msg->rkt), msg->partition,
+					 rd_kafka_err2str(msg->err));
+		pub->failed = true;
+		return;
+	}
+	txn->outstanding--;
+	pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published, 1);
+}
+
+static void
+prepare_write(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
+			  bool last_write)
+{
+	resetStringInfo(ctx->out);
+}
+
+/* Produce one record, waiting (and serving acknowledgements) while the queue is full. */
+static void
+produce_record(KbPublisher *pub, StringInfo frame)
+{
+	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
+	int			topic_len = pq_getmsgint(frame, 4);
+	const char *topic = pq_getmsgbytes(frame, topic_len);
+	int			key_len = pq_getmsgint(frame, 4);
+	const char *key = key_len >= 0 ? pq_getmsgbytes(frame, key_len) : NULL;
+	int			value_len = pq_getmsgint(frame, 4);
+	const char *value = value_len >= 0 ? pq_getmsgbytes(frame, value_len) : NULL;
+	int			nheaders = pq_getmsgint(frame, 2);
+	char		topic_name[256];
+	rd_kafka_headers_t *headers = rd_kafka_headers_new(nheaders);
+	rd_kafka_resp_err_t err;
+
+	for (int i = 0; i < nheaders; i++)
+	{
+		int			name_len = pq_getmsgint(frame, 2);
+		const char *name = pq_getmsgbytes(frame, name_len);
+		int			hv_len = pq_getmsgint(frame, 4);
+		const char *hv = hv_len >= 0 ? pq_getmsgbytes(frame, hv_len) : NULL;
+
+		rd_kafka_header_add(headers, name, name_len, hv, hv_len >= 0 ? hv_len : 0);
+	}
+	if (topic_len <= 0 || topic_len >= sizeof(topic_name))
+		elog(ERROR, "kafka_bridge output plugin sent a topic name of %d bytes", topic_len);
+	memcpy(topic_name, topic, topic_len);
+	topic_name[topic_len] = '\0';
+
+	if (pub->open_txn == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(pub->cxt);
+
+		pub->open_txn = palloc0(sizeof(PendingTxn));
+		dlist_push_tail(&pub->pending, &pub->open_txn->node);
+		MemoryContextSwitchTo(old);
+	}
+
+	for (;;)
+	{
+		err = rd_kafka_producev(rk,
+								RD_KAFKA_V_TOPIC(topic_name),
+								RD_KAFKA_V_KEY(key, key ? key_len : 0),
+								RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
+								RD_KAFKA_V_HEADERS(headers),
+								RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+								RD_KAFKA_V_OPAQUE(pub->open_txn),
+								RD_KAFKA_V_END);
+		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			break;
+		/* back-pressure: the broker is slow or away; wait for room */
+		pgstat_report_activity(STATE_RUNNING, "waiting for room in the Kafka producer queue");
+		rd_kafka_poll(rk, 50);
+		CHECK_FOR_INTERRUPTS();
+		if (!PostmasterIsAlive())
+			proc_exit(1);
+	}
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		rd_kafka_headers_destroy(headers);
+		if (!pub->failed)
+			snprintf(pub->failure, sizeof(pub->failure),
+					 "cannot produce to topic \"%s\": %s", topic_name, rd_kafka_err2str(err));
+		pub->failed = true;
+		return;
+	}
+	pub->open_txn->outstanding++;
+}
+
+/* The plugin wrote one frame into ctx->out. */
+static void
+write_frame(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
+			bool last_write)
+{
+	KbPublisher *pub = current;
+	StringInfo	frame = ctx->out;
+	int			tag;
+
+	frame->cursor = 0;
+	tag = pq_getmsgbyte(frame);
+	if (tag == KB_FRAME_RECORD)
+		produce_record(pub, frame);
+	else if (tag == KB_FRAME_COMMIT)
+	{
+		XLogRecPtr	end_lsn = (XLogRecPtr) pq_getmsgint64(frame);
+
+		if (pub->open_txn)
+		{
+			pub->open_txn->end_lsn = end_lsn;
+			pub->open_txn->committed = true;
+			pub->open_txn = NULL;
+		}
+	}
+	else
+		elog(ERROR, "kafka_bridge output plugin sent an unknown frame tag %d", tag);
+}
+
+/*
+ * Create the database's slot if it does not exist yet.  Its start point is
+ * the current end of WAL: what committed before was not published.
+ */
+static void
+ensure_slot(const char *slot_name)
+{
+	LogicalDecodingContext *ctx;
+
+	if (SearchNamedReplicationSlot(slot_name, true) != NULL)
+		return;
+
+	CheckSlotRequirements();
+	pgstat_report_activity(STATE_RUNNING, "creating the replication slot");
+	ReplicationSlotCreate(slot_name, true, RS_EPHEMERAL, false);
+
+	StartTransactionCommand();
+	ctx = CreateInitDecodingContext(KB_EXTENSION_NAME, NIL, false, InvalidXLogRecPtr,
+									XL_ROUTINE(.page_read = read_local_xlog_page,
+											   .segment_open = wal_segment_open,
+											   .segment_close = wal_segment_close),
+									NULL, NULL, NULL);
+	DecodingContextFindStartpoint(ctx);
+	FreeDecodingContext(ctx);
+	CommitTransactionCommand();
+
+	ReplicationSlotPersist();
+	ReplicationSlotRelease();
+	ereport(LOG,
+			(errmsg("kafka_bridge created replication slot \"%s\"", slot_name)));
+}
+
+/*
+ * Start publishing for this database: acquire (or create) its slot and set
+ * up decoding from the slot's position.  The client must be a producer
+ * created with kb_publisher_delivery_report as its delivery callback.
+ */
+KbPublisher *
+kb_publisher_start(int status_slot, KbKafkaClient *client)
+{
+	KbPublisher *pub;
+	MemoryContext old;
+	List	   *options;
+
+	pub = MemoryContextAllocZero(TopMemoryContext, sizeof(KbPublisher));
+	pub->status_slot = status_slot;
+	pub->client = client;
+	slot_name_for(pub->slot_name, MyDatabaseId);
+	pub->cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge publisher",
+									 ALLOCSET_SMALL_SIZES);
+	dlist_init(&pub->pending);
+
+	ensure_slot(pub->slot_name);
+	ReplicationSlotAcquire(pub->slot_name, true);
+
+	/* the decoding context must outlive the transaction that creates it */
+	StartTransactionCommand();
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	options = list_make1(makeDefElem("output", (Node *) makeString("kafka"), -1));
+	pub->ctx = CreateDecodingContext(InvalidXLogRecPtr, options, false,
+									 XL_ROUTINE(.page_read = read_local_xlog_page,
+												.segment_open = wal_segment_open,
+												.segment_close = wal_segment_close),
+									 prepare_write, write_frame, NULL);
+	MemoryContextSwitchTo(old);
+	CommitTransactionCommand();
+
+	XLogBeginRead(pub->ctx->reader, MyReplicationSlot->data.restart_lsn);
+	pub->confirmed = MyReplicationSlot->data.confirmed_flush;
+	pub->saved = pub->confirmed;
+	current = pub;
+
+	ereport(LOG,
+			(errmsg("kafka_bridge is publishing from replication slot \"%s\" at %X/%X",
+					pub->slot_name, LSN_FORMAT_ARGS(pub->confirmed))));
+	return pub;
+}
+
+/* Stop publishing: free decoding, release the slot (records in flight are left to the caller's producer). */
+void
+kb_publisher_stop(KbPublisher *pub)
+{
+	if (pub == NULL)
+		return;
+	if (pub->ctx)
+		FreeDecodingContext(pub->ctx);
+	if (MyReplicationSlot != NULL)
+		ReplicationSlotRelease();
+	MemoryContextDelete(pub->cxt);
+	if (current == pub)
+		current = NULL;
+	pfree(pub);
+}
+
+/*
+ * Move the slot's confirmed position past every fully acknowledged
+ * transaction at the head of the FIFO; with nothing pending, to where
+ * decoding stands.
+ */
+static void
+confirm_acknowledged(KbPublisher *pub)
+{
+	XLogRecPtr	target = InvalidXLogRecPtr;
+
+	while (!dlist_is_empty(&pub->pending))
+	{
+		PendingTxn *head = dlist_head_element(PendingTxn, node, &pub->pending);
+
+		if (!head->committed || head->outstanding > 0)
+			break;
+		target = head->end_lsn;
+		dlist_delete(&head->node);
+		pfree(head);
+	}
+	if (dlist_is_empty(&pub->pending))
+		target = pub->ctx->reader->EndRecPtr;
+
+	if (target != InvalidXLogRecPtr && target > pub->confirmed)
+	{
+		LogicalConfirmReceivedLocation(target);
+		pub->confirmed = target;
+	}
+
+	/*
+	 * The confirmed position reaches disk at the next checkpoint unless we
+	 * save the slot: do it five times a second (a small fsync each), so that
+	 * a crash replays a fraction of a second of records rather than a
+	 * checkpoint's worth.
+	 */
+	if (pub->confirmed > pub->saved &&
+		TimestampDifferenceExceeds(pub->saved_at, GetCurrentTimestamp(), 200))
+	{
+		ReplicationSlotMarkDirty();
+		ReplicationSlotSave();
+		pub->saved = pub->confirmed;
+		pub->saved_at = GetCurrentTimestamp();
+	}
+}
+
+/*
+ * Decode the WAL flushed so far, for at most budget_ms, producing records
+ * as they come, then serve acknowledgements and confirm what is safe.
+ * Returns false when a delivery failed: the caller stops this publisher
+ * and the producer, and starts both again.
+ */
+bool
+kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_size)
+{
+	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
+	XLogRecPtr	end_of_wal = GetFlushRecPtr(NULL);
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), budget_ms);
+	uint64		records = 0;
+
+	if (pub->ctx->reader->EndRecPtr < end_of_wal)
+		pgstat_report_activity(STATE_RUNNING, "decoding and publishing changes");
+
+	while (!pub->failed && pub->ctx->reader->EndRecPtr < end_of_wal)
+	{
+		char	   *errm = NULL;
+		XLogRecord *record = XLogReadRecord(pub->ctx->reader, &errm);
+
+		if (errm)
+			elog(ERROR, "could not read WAL for replication slot \"%s\": %s",
+				 pub->slot_name, errm);
+		if (record != NULL)
+			LogicalDecodingProcessRecord(pub->ctx, pub->ctx->reader);
+
+		CHECK_FOR_INTERRUPTS();
+		if ((++records & 1023) == 0)
+		{
+			rd_kafka_poll(rk, 0);
+			if (GetCurrentTimestamp() >= deadline)
+				break;
+		}
+	}
+	rd_kafka_poll(rk, 0);
+
+	if (pub->failed)
+	{
+		strlcpy(error, pub->failure, error_size);
+		return false;
+	}
+	confirm_acknowledged(pub);
+	pg_atomic_write_u64(&kb_status_slot(pub->status_slot)->publish_lag_bytes,
+						GetFlushRecPtr(NULL) - Min(pub->confirmed, GetFlushRecPtr(NULL)));
+	return true;
+}
+
+/* Whether records wait for their acknowledgement. */
+bool
+kb_publisher_pending(KbPublisher *pub)
+{
+	return !dlist_is_empty(&pub->pending);
+}
+
+/* Whether decoding has caught up with the WAL flushed so far. */
+bool
+kb_publisher_caught_up(KbPublisher *pub)
+{
+	return pub->ctx->reader->EndRecPtr >= GetFlushRecPtr(NULL);
+}
