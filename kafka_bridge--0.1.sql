@@ -2,6 +2,11 @@
 
 \echo Use "CREATE EXTENSION kafka_bridge" to load this file. \quit
 
+-- Created here, not named in the control file: CREATE EXTENSION then fails
+-- when a schema of that name exists already, so nobody can prepare one
+-- (with a look-alike publications table) for the extension to adopt.
+CREATE SCHEMA kafka_bridge;
+
 CREATE FUNCTION kafka_bridge.instance_id()
 RETURNS text
 LANGUAGE C STRICT STABLE

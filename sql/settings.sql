@@ -19,6 +19,9 @@ ALTER SYSTEM SET kafka_bridge.producer_options = 'enable.idempotence=false';
 ALTER SYSTEM SET kafka_bridge.producer_options = 'acks=1';
 ALTER SYSTEM SET kafka_bridge.consumer_options = 'group.id=mine';
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'bootstrap.servers=elsewhere:9092';
+ALTER SYSTEM SET kafka_bridge.kafka_options = 'log.queue=false';
+-- nothing that loads code into the server
+ALTER SYSTEM SET kafka_bridge.kafka_options = 'plugin.library.paths=/tmp/evil.so';
 -- secrets belong in the superuser-only settings
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'sasl.password=hunter2';
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'ssl.key.password=hunter2';

@@ -129,6 +129,7 @@ extern KbKafkaClient *kb_kafka_client_create(KbClientRole role,
 											 KbDeliveryCallback on_delivery,
 											 char **detail);
 extern rd_kafka_t *kb_kafka_client_handle(KbKafkaClient *client);
+extern const char *kb_kafka_client_last_error(KbKafkaClient *client);
 extern void kb_kafka_client_destroy(KbKafkaClient *client);
 extern void kb_kafka_client_poll(KbKafkaClient *client);
 extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
@@ -140,6 +141,8 @@ extern char *kb_kafka_settings_fingerprint(void);
 
 typedef struct KbPublisher KbPublisher;
 
+extern void kb_publisher_ensure_slot(void);
+extern void kb_publisher_drop_slot(void);
 extern KbPublisher *kb_publisher_start(int status_slot, KbKafkaClient *client);
 extern void kb_publisher_stop(KbPublisher *pub);
 extern bool kb_publisher_step(KbPublisher *pub, int budget_ms,

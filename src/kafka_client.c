@@ -155,6 +155,13 @@ kb_kafka_client_destroy(KbKafkaClient *client)
 	pfree(client);
 }
 
+/* What librdkafka last reported about an unreachable broker, or "". */
+const char *
+kb_kafka_client_last_error(KbKafkaClient *client)
+{
+	return client->last_error;
+}
+
 rd_kafka_t *
 kb_kafka_client_handle(KbKafkaClient *client)
 {

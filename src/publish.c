@@ -16,6 +16,9 @@
  */
 #include "postgres.h"
 
+#include "commands/dbcommands.h"
+#include "replication/slot.h"
+
 #include "access/genam.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
@@ -466,6 +469,21 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 				 errmsg("changes of table \"%s\" are not published while wal_level is below \"logical\"",
 						relname),
 				 errhint("Set wal_level = logical in postgresql.conf and restart the server.")));
+
+	/* only the worker's slot publishes: say so when there is none yet */
+	else
+	{
+		char		slot_name[NAMEDATALEN];
+
+		snprintf(slot_name, sizeof(slot_name), "kafka_bridge_%u", MyDatabaseId);
+		if (SearchNamedReplicationSlot(slot_name, true) == NULL)
+			ereport(WARNING,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("changes of table \"%s\" are not published until the kafka_bridge worker of database \"%s\" has created replication slot \"%s\"",
+							relname, get_database_name(MyDatabaseId), slot_name),
+					 errdetail("Changes committed before the slot exists are never published."),
+					 errhint("List the database in kafka_bridge.databases, and wait until kafka_bridge.status shows its worker.")));
+	}
 
 	store_publication(relid, topic, prefix, format, tombstones);
 	invalidate_publication(rel);

@@ -37,6 +37,8 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/pmsignal.h"
+#include "postmaster/interrupt.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -59,6 +61,8 @@ struct KbPublisher
 	KbKafkaClient *client;
 	LogicalDecodingContext *ctx;
 	MemoryContext cxt;			/* PendingTxn entries */
+	MemoryContext decode_cxt;	/* current while decoding: the WAL reader
+								 * allocates buffers that must last */
 	dlist_head	pending;		/* oldest first */
 	PendingTxn *open_txn;		/* receiving records, no commit frame yet */
 	XLogRecPtr	confirmed;		/* last position given to the slot */
@@ -124,6 +128,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 	const char *value = value_len >= 0 ? pq_getmsgbytes(frame, value_len) : NULL;
 	int			nheaders = pq_getmsgint(frame, 2);
 	char		topic_name[256];
+	bool		waiting = false;
 	rd_kafka_headers_t *headers = rd_kafka_headers_new(nheaders);
 	rd_kafka_resp_err_t err;
 
@@ -163,9 +168,32 @@ produce_record(KbPublisher *pub, StringInfo frame)
 		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			break;
 		/* back-pressure: the broker is slow or away; wait for room */
-		pgstat_report_activity(STATE_RUNNING, "waiting for room in the Kafka producer queue");
+		if (!waiting)
+		{
+			pgstat_report_activity(STATE_RUNNING, "waiting for the broker: the producer queue is full");
+			kb_status_set(pub->status_slot, KB_STATE_ERROR,
+						  "waiting for the broker: the producer queue is full");
+			waiting = true;
+		}
 		rd_kafka_poll(rk, 50);
+		if (kb_kafka_client_last_error(pub->client)[0])
+			kb_status_set_error(pub->status_slot, KB_STATE_ERROR, "cannot reach Kafka at \"%s\": %s",
+								kb_bootstrap_servers, kb_kafka_client_last_error(pub->client));
+		pg_atomic_write_u64(&kb_status_slot(pub->status_slot)->publish_lag_bytes,
+							GetFlushRecPtr(NULL) - Min(pub->confirmed, GetFlushRecPtr(NULL)));
 		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			char	   *before = kb_kafka_settings_fingerprint();
+
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			/* new Kafka settings need a new producer: start over */
+			if (strcmp(before, kb_kafka_settings_fingerprint()) != 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_CONFIG_FILE_ERROR),
+						 errmsg("kafka_bridge restarts publishing with the reloaded Kafka settings")));
+		}
 		if (!PostmasterIsAlive())
 			proc_exit(1);
 	}
@@ -213,11 +241,14 @@ write_frame(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
  * Create the database's slot if it does not exist yet.  Its start point is
  * the current end of WAL: what committed before was not published.
  */
-static void
-ensure_slot(const char *slot_name)
+void
+kb_publisher_ensure_slot(void)
 {
 	LogicalDecodingContext *ctx;
+	MemoryContext cxt = CurrentMemoryContext;
+	char		slot_name[NAMEDATALEN];
 
+	slot_name_for(slot_name, MyDatabaseId);
 	if (SearchNamedReplicationSlot(slot_name, true) != NULL)
 		return;
 
@@ -237,8 +268,27 @@ ensure_slot(const char *slot_name)
 
 	ReplicationSlotPersist();
 	ReplicationSlotRelease();
+	MemoryContextSwitchTo(cxt);
 	ereport(LOG,
 			(errmsg("kafka_bridge created replication slot \"%s\"", slot_name)));
+}
+
+/*
+ * The extension is gone (DROP EXTENSION): nothing will be published, so the
+ * slot must not hold WAL back any more.
+ */
+void
+kb_publisher_drop_slot(void)
+{
+	char		slot_name[NAMEDATALEN];
+
+	slot_name_for(slot_name, MyDatabaseId);
+	if (SearchNamedReplicationSlot(slot_name, true) == NULL)
+		return;
+	ReplicationSlotDrop(slot_name, true);
+	ereport(LOG,
+			(errmsg("kafka_bridge dropped replication slot \"%s\": the extension is no longer installed",
+					slot_name)));
 }
 
 /*
@@ -251,6 +301,7 @@ kb_publisher_start(int status_slot, KbKafkaClient *client)
 {
 	KbPublisher *pub;
 	MemoryContext old;
+	MemoryContext caller_cxt;
 	List	   *options;
 
 	pub = MemoryContextAllocZero(TopMemoryContext, sizeof(KbPublisher));
@@ -259,12 +310,15 @@ kb_publisher_start(int status_slot, KbKafkaClient *client)
 	slot_name_for(pub->slot_name, MyDatabaseId);
 	pub->cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge publisher",
 									 ALLOCSET_SMALL_SIZES);
+	pub->decode_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge decoding",
+											ALLOCSET_DEFAULT_SIZES);
 	dlist_init(&pub->pending);
 
-	ensure_slot(pub->slot_name);
+	kb_publisher_ensure_slot();
 	ReplicationSlotAcquire(pub->slot_name, true);
 
 	/* the decoding context must outlive the transaction that creates it */
+	caller_cxt = CurrentMemoryContext;
 	StartTransactionCommand();
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	options = list_make1(makeDefElem("output", (Node *) makeString("kafka"), -1));
@@ -275,6 +329,7 @@ kb_publisher_start(int status_slot, KbKafkaClient *client)
 									 prepare_write, write_frame, NULL);
 	MemoryContextSwitchTo(old);
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller_cxt);
 
 	XLogBeginRead(pub->ctx->reader, MyReplicationSlot->data.restart_lsn);
 	pub->confirmed = MyReplicationSlot->data.confirmed_flush;
@@ -298,6 +353,7 @@ kb_publisher_stop(KbPublisher *pub)
 	if (MyReplicationSlot != NULL)
 		ReplicationSlotRelease();
 	MemoryContextDelete(pub->cxt);
+	MemoryContextDelete(pub->decode_cxt);
 	if (current == pub)
 		current = NULL;
 	pfree(pub);
@@ -361,9 +417,11 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 	XLogRecPtr	end_of_wal = GetFlushRecPtr(NULL);
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), budget_ms);
 	uint64		records = 0;
+	MemoryContext caller_cxt = CurrentMemoryContext;
 
 	if (pub->ctx->reader->EndRecPtr < end_of_wal)
 		pgstat_report_activity(STATE_RUNNING, "decoding and publishing changes");
+	MemoryContextSwitchTo(pub->decode_cxt);
 
 	while (!pub->failed && pub->ctx->reader->EndRecPtr < end_of_wal)
 	{
@@ -385,6 +443,8 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 		}
 	}
 	rd_kafka_poll(rk, 0);
+	/* decoding may also have left TopMemoryContext current */
+	MemoryContextSwitchTo(caller_cxt);
 
 	if (pub->failed)
 	{

@@ -43,6 +43,14 @@ static const char *const managed_properties[] = {
 	"bootstrap.servers", "metadata.broker.list", "enable.idempotence",
 	"acks", "request.required.acks", "enable.auto.commit",
 	"enable.auto.offset.store", "group.id", "transactional.id",
+	/* logs must reach the worker's thread, never run on librdkafka's */
+	"log.queue",
+	NULL
+};
+
+/* Properties that would load code into the server process. */
+static const char *const forbidden_properties[] = {
+	"plugin.library.paths", "interceptors",
 	NULL
 };
 
@@ -137,6 +145,12 @@ kb_apply_property_list(rd_kafka_conf_t *conf, const char *list, char **detail)
 		if (name_in(name.data, managed_properties))
 		{
 			*detail = psprintf("kafka_bridge sets librdkafka property \"%s\" itself.",
+							   name.data);
+			return false;
+		}
+		if (name_in(name.data, forbidden_properties))
+		{
+			*detail = psprintf("librdkafka property \"%s\" would load a library into the server and is not allowed.",
 							   name.data);
 			return false;
 		}
@@ -338,17 +352,18 @@ kb_redact_secrets(char *text)
 	}
 }
 
+/* Setting names are case-insensitive, so are these checks. */
 static bool
 mentions_secret(const char *message)
 {
-	if (strstr(message, "kafka_bridge.") == NULL)
+	if (strcasestr(message, "kafka_bridge.") == NULL)
 		return false;
-	if (strstr(message, "kafka_bridge.sasl_password") ||
-		strstr(message, "kafka_bridge.ssl_key_password"))
+	if (strcasestr(message, "kafka_bridge.sasl_password") ||
+		strcasestr(message, "kafka_bridge.ssl_key_password"))
 		return true;
 	/* a secret typed into a property list by mistake: refused, but logged */
 	for (const char *const *p = secret_properties; *p; p++)
-		if (strstr(message, *p))
+		if (strcasestr(message, *p))
 			return true;
 	return false;
 }
@@ -368,8 +383,8 @@ kb_emit_log_hook(ErrorData *edata)
 	if (m && mentions_secret(m))
 	{
 		/* keep the name, its closing quote and the words up to the value */
-		name = strstr(m, "kafka_bridge.");
-		end = name + strspn(name, "abcdefghijklmnopqrstuvwxyz_.");
+		name = strcasestr(m, "kafka_bridge.");
+		end = name + strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_.");
 		if (*end == '"')
 			end++;
 		end += strcspn(end, "\"'=");
@@ -379,6 +394,16 @@ kb_emit_log_hook(ErrorData *edata)
 	{
 		edata->message = psprintf("%.*s(value hidden by kafka_bridge)",
 								  (int) (end - m), m);
+		edata->hide_stmt = true;
+		edata->context = NULL;
+		edata->internalquery = NULL;
+	}
+	/* a statement or query text naming a secret setting is never logged */
+	if ((edata->context && mentions_secret(edata->context)) ||
+		(edata->internalquery && mentions_secret(edata->internalquery)))
+	{
+		edata->context = NULL;
+		edata->internalquery = NULL;
 		edata->hide_stmt = true;
 	}
 	if (prev_emit_log_hook)

@@ -12,6 +12,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "commands/extension.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -28,7 +29,7 @@
 #include "kafka_bridge.h"
 
 /* timeout of one metadata request to the brokers */
-#define KB_PROBE_TIMEOUT_MS 2000
+#define KB_PROBE_TIMEOUT_MS 1000
 
 static int	my_slot = -1;
 
@@ -51,12 +52,14 @@ static bool
 extension_installed(void)
 {
 	bool		installed;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	pgstat_report_activity(STATE_RUNNING, "looking for the kafka_bridge extension");
 	installed = OidIsValid(get_extension_oid(KB_EXTENSION_NAME, true));
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return installed;
 }
@@ -111,6 +114,7 @@ typedef struct WorkerState
 	TimestampTz next_probe;
 	TimestampTz publish_retry_at;
 	int			backoff_ms;		/* after a failed delivery, doubling */
+	uint64		published_at_probe; /* events_published at the last probe */
 } WorkerState;
 
 /* Drop the publisher and the producer; both are built again later. */
@@ -123,12 +127,31 @@ drop_kafka(WorkerState *w)
 	w->client = NULL;
 }
 
-/* Periodic work: extension present?  client built?  brokers reachable? */
+/* Periodic work: extension present?  slot?  client built?  brokers reachable? */
 static void
 check_and_probe(WorkerState *w)
 {
-	if (!w->have_extension)
-		w->have_extension = extension_installed();
+	uint64		published = pg_atomic_read_u64(&kb_status_slot(my_slot)->events_published);
+
+	w->have_extension = extension_installed();
+	if (w->have_extension && wal_level < WAL_LEVEL_LOGICAL)
+	{
+		kb_status_set_error(my_slot, KB_STATE_ERROR,
+							"wal_level is \"%s\": kafka_bridge needs wal_level = logical",
+							GetConfigOption("wal_level", false, false));
+		report(KB_STATE_ERROR, "waiting for wal_level = logical (a restart)");
+		w->next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 60 * 1000L);
+		return;
+	}
+	/* the slot first: changes are kept from here on, whatever Kafka does */
+	if (w->have_extension)
+		kb_publisher_ensure_slot();
+	else
+	{
+		if (w->pub)
+			drop_kafka(w);		/* DROP EXTENSION: stop publishing */
+		kb_publisher_drop_slot();
+	}
 
 	if (kb_bootstrap_servers[0] == '\0')
 		report(KB_STATE_UNCONFIGURED, "waiting for kafka_bridge.bootstrap_servers to be set");
@@ -152,9 +175,13 @@ check_and_probe(WorkerState *w)
 			else
 				report(KB_STATE_CONNECTING, "connecting to Kafka");
 		}
-		if (w->client)
+		/* acknowledgements since the last probe say more than a metadata request */
+		if (w->client && w->pub && published > w->published_at_probe)
+			report(KB_STATE_CONNECTED, NULL);
+		else if (w->client)
 			probe_brokers(w->client, w->dbname);
 	}
+	w->published_at_probe = published;
 	if (!w->have_extension)
 		pgstat_report_activity(STATE_IDLE,
 							   psprintf("%s; extension kafka_bridge is not installed in this database",

@@ -11,7 +11,9 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use KafkaBridgeTest;
 
-my $node = kb_node('settings', conf => "kafka_bridge.producer_options = 'linger.ms=5'\n");
+# log_statement = 'all': statements naming a secret must be logged without it
+my $node = kb_node('settings',
+	conf => "kafka_bridge.producer_options = 'linger.ms=5'\nlog_statement = 'all'\n");
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION kafka_bridge');
 ok(kb_wait_state($node, 'connected'), 'worker connected');
@@ -69,6 +71,12 @@ is( $node->safe_psql('postgres',
 	'0', 'pg_settings does not list the secrets');
 # a statement that fails while naming a secret is not logged with its text
 $node->psql('postgres', "ALTER SYSTEM SET kafka_bridge.kafka_options = 'sasl.password=$secret-typo'");
+# nor one that sets it, whatever the case of the name
+$node->safe_psql('postgres', "ALTER SYSTEM SET Kafka_Bridge.SASL_Password = '$secret-upper'");
+$node->reload;
+ok($node->poll_query_until('postgres', "SELECT current_setting('kafka_bridge.sasl_password') = '$secret-upper'"),
+	'a secret set with ALTER SYSTEM applies');
+$node->safe_psql('postgres', "ALTER SYSTEM RESET kafka_bridge.sasl_password");
 ok(kb_wait_state($node, 'connected'), 'worker connected with the secrets set');
 unlike(slurp_file($node->logfile), qr/\Q$secret\E/, 'no secret in the server log');
 
