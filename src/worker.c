@@ -261,7 +261,8 @@ worker_loop(const char *dbname)
 		if (now >= w.next_probe)
 			check_and_probe(&w);
 
-		if (w.pub == NULL && w.client && w.have_extension && now >= w.publish_retry_at)
+		if (w.pub == NULL && w.client && w.have_extension &&
+			wal_level >= WAL_LEVEL_LOGICAL && now >= w.publish_retry_at)
 			w.pub = kb_publisher_start(my_slot, w.client);
 
 		if (w.pub)
