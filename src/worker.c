@@ -11,6 +11,8 @@
  */
 #include "postgres.h"
 
+#include <malloc.h>
+
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "commands/extension.h"
@@ -296,6 +298,13 @@ kafka_bridge_worker_main(Datum arg)
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
+
+	/*
+	 * Every Kafka record is malloc'd here and freed by librdkafka's broker
+	 * thread; glibc's fast bins then fill with chunks that each larger
+	 * malloc consolidates again.  Without fast bins that work goes away.
+	 */
+	mallopt(M_MXFAST, 0);
 
 	my_slot = packed & 0xff;
 	slot = kb_status_slot(my_slot);
