@@ -111,3 +111,23 @@ REVOKE ALL ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean)
 REVOKE ALL ON FUNCTION kafka_bridge.unpublish(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.forget_dropped_tables() FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.published_tables TO pg_monitor;
+
+-- kafka_bridge.send(): a record that reaches Kafka if and only if the calling
+-- transaction commits, in commit order with the transaction's row events
+CREATE FUNCTION kafka_bridge.send(topic text, key text, value jsonb, headers jsonb DEFAULT NULL)
+RETURNS pg_lsn
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_send';
+CREATE FUNCTION kafka_bridge.send(topic text, key text, value text, headers jsonb DEFAULT NULL)
+RETURNS pg_lsn
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_send';
+CREATE FUNCTION kafka_bridge.send(topic text, key text, value bytea, headers jsonb DEFAULT NULL)
+RETURNS pg_lsn
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_send';
+COMMENT ON FUNCTION kafka_bridge.send(text, text, jsonb, jsonb) IS
+'send a record to Kafka if and only if the calling transaction commits';
+REVOKE ALL ON FUNCTION kafka_bridge.send(text, text, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.send(text, text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.send(text, text, bytea, jsonb) FROM PUBLIC;

@@ -1005,6 +1005,87 @@ kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 		   XLogRecPtr message_lsn, bool transactional, const char *prefix,
 		   Size message_size, const char *message)
 {
+	KbDecodingData *data = ctx->output_plugin_private;
+	StringInfoData in;
+	StringInfo	out = ctx->out;
+	char		kind;
+	int			len;
+	int			nheaders;
+
+	/* only kafka_bridge.send(), which is always transactional */
+	if (!transactional || strcmp(prefix, KB_MESSAGE_PREFIX) != 0 || message_size < 1)
+		return;
+
+	OutputPluginPrepareWrite(ctx, true);
+	if (data->output == KB_OUTPUT_KAFKA)
+	{
+		/* the message is a record frame but for its first byte */
+		pq_sendbyte(out, KB_FRAME_RECORD);
+		pq_sendbytes(out, message + 1, message_size - 1);
+		OutputPluginWrite(ctx, true);
+		data->txn_has_records = true;
+		return;
+	}
+
+	/* json output: {"topic":...,"key":...,"headers":{...},"value":...} */
+	in.data = (char *) message;
+	in.len = message_size;
+	in.maxlen = message_size;
+	in.cursor = 0;
+	kind = pq_getmsgbyte(&in);
+
+	appendStringInfoString(out, "{\"topic\":");
+	len = pq_getmsgint(&in, 4);
+	kb_append_json_string(out, pnstrdup(pq_getmsgbytes(&in, len), len));
+	appendStringInfoString(out, ",\"key\":");
+	len = pq_getmsgint(&in, 4);
+	if (len < 0)
+		appendStringInfoString(out, "null");
+	else
+		kb_append_json_string(out, pnstrdup(pq_getmsgbytes(&in, len), len));
+
+	/* the value comes before the headers in the message */
+	len = pq_getmsgint(&in, 4);
+	{
+		const char *value = len >= 0 ? pq_getmsgbytes(&in, len) : NULL;
+		int			value_len = len;
+
+		appendStringInfoString(out, ",\"headers\":{");
+		nheaders = pq_getmsgint(&in, 2);
+		for (int i = 0; i < nheaders; i++)
+		{
+			int			name_len = pq_getmsgint(&in, 2);
+			const char *name = pq_getmsgbytes(&in, name_len);
+			int			hv_len;
+
+			if (i > 0)
+				appendStringInfoChar(out, ',');
+			kb_append_json_string(out, pnstrdup(name, name_len));
+			appendStringInfoChar(out, ':');
+			hv_len = pq_getmsgint(&in, 4);
+			if (hv_len < 0)
+				appendStringInfoString(out, "null");
+			else
+				kb_append_json_string(out, pnstrdup(pq_getmsgbytes(&in, hv_len), hv_len));
+		}
+		appendStringInfoString(out, "},\"value\":");
+		if (value == NULL)
+			appendStringInfoString(out, "null");
+		else if (kind == KB_VALUE_KIND_JSON)
+			appendBinaryStringInfo(out, value, value_len);
+		else if (kind == KB_VALUE_KIND_BYTES)
+		{
+			appendStringInfoString(out, "\"\\\\x");
+			for (int i = 0; i < value_len; i++)
+				appendStringInfo(out, "%02x", (unsigned char) value[i]);
+			appendStringInfoChar(out, '"');
+		}
+		else
+			kb_append_json_string(out, pnstrdup(value, value_len));
+	}
+	appendStringInfoChar(out, '}');
+	OutputPluginWrite(ctx, true);
+	data->txn_has_records = true;
 }
 
 /* Changes kafka_bridge applied from Kafka carry an origin: no echo. */

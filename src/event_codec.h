@@ -155,6 +155,29 @@ typedef struct KbPublication
 } KbPublication;
 
 extern bool kb_lookup_publication(Oid relid, KbPublication *pub);
+extern void kb_check_topic(const char *topic, bool is_default);
+
+/*
+ * ---- Application records: kafka_bridge.send() ----
+ *
+ * send() writes a transactional logical message with prefix
+ * KB_MESSAGE_PREFIX whose content is:
+ *
+ *	byte	value kind: KB_VALUE_KIND_JSON, _TEXT or _BYTES
+ *	int32	topic length, then the topic bytes
+ *	int32	key length (-1: null key), then the key bytes
+ *	int32	value length (-1: null value), then the value bytes
+ *	int16	number of headers, then for each header
+ *			int16 name length, name bytes, int32 value length, value bytes
+ *
+ * so that the output plugin turns it into a record frame by dropping the
+ * first byte.
+ */
+#define KB_MESSAGE_PREFIX		"kafka_bridge"
+#define KB_VALUE_KIND_JSON		'j'
+#define KB_VALUE_KIND_TEXT		't'
+#define KB_VALUE_KIND_BYTES		'b'
+
 extern char *kb_default_topic(const char *relname);
 extern char *kb_default_event_prefix(const char *relname);
 

@@ -225,8 +225,8 @@ parse_format(const char *name)
  * Refuse a name Kafka would refuse (its rules for topic names), now rather
  * than in the publisher, where it would stop the table's events.
  */
-static void
-check_topic(const char *topic, bool is_default)
+void
+kb_check_topic(const char *topic, bool is_default)
 {
 	const char *detail = NULL;
 	size_t		len = strlen(topic);
@@ -440,7 +440,7 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 
 	topic = PG_ARGISNULL(1) ? kb_default_topic(relname) :
 		text_to_cstring(PG_GETARG_TEXT_PP(1));
-	check_topic(topic, PG_ARGISNULL(1));
+	kb_check_topic(topic, PG_ARGISNULL(1));
 
 	prefix = PG_ARGISNULL(2) ? kb_default_event_prefix(relname) :
 		text_to_cstring(PG_GETARG_TEXT_PP(2));

@@ -1,0 +1,41 @@
+-- kafka_bridge.send(): what the output plugin makes of sends, and errors.
+CREATE EXTENSION IF NOT EXISTS kafka_bridge;
+SELECT 'init' FROM pg_create_logical_replication_slot('regress_send_slot', 'kafka_bridge');
+
+BEGIN;
+SELECT kafka_bridge.send('regress_app', 'k1', '{"b": [1, 2], "a": "x"}'::jsonb, '{"trace": "t-1", "none": null}') IS NOT NULL AS sent;
+SELECT kafka_bridge.send('regress_app', 'k2', E'text with "quotes" and \\ and ünïcode'::text) IS NOT NULL AS sent;
+SAVEPOINT s;
+SELECT kafka_bridge.send('regress_app', 'dropped', 'rolled back to the savepoint'::text) IS NOT NULL AS sent;
+ROLLBACK TO s;
+SELECT kafka_bridge.send('regress_app', NULL, '\x00ff10'::bytea) IS NOT NULL AS sent;
+SELECT kafka_bridge.send('regress_app', 'null value', NULL::jsonb) IS NOT NULL AS sent;
+COMMIT;
+BEGIN;
+SELECT kafka_bridge.send('regress_app', 'ghost', 'rolled back'::text) IS NOT NULL AS sent;
+ROLLBACK;
+-- a message of another prefix is not a send
+SELECT pg_logical_emit_message(true, 'other', 'not for kafka_bridge') IS NOT NULL AS emitted;
+
+SELECT data FROM pg_logical_slot_get_changes('regress_send_slot', NULL, NULL,
+	'include-xids', '0', 'include-timestamp', '0', 'include-lsn', '0');
+
+-- the kafka output: one record frame per send, then a commit frame
+SELECT kafka_bridge.send('regress_app', 'k', 'v'::text) IS NOT NULL AS sent;
+SELECT chr(get_byte(data, 0)) AS frame, length(data) AS bytes
+  FROM pg_logical_slot_get_binary_changes('regress_send_slot', NULL, NULL, 'output', 'kafka', 'include-lsn', '0');
+
+-- errors
+SELECT kafka_bridge.send(NULL, 'k', 'v'::text);
+SELECT kafka_bridge.send('bad topic', 'k', 'v'::text);
+SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"h": 1}');
+SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"": "x"}');
+SELECT kafka_bridge.send('t', 'k', 'v'::text, '"scalar"');
+SELECT kafka_bridge.send('t', 'k', repeat('x', 1000001));
+CREATE ROLE regress_kb_sender;
+SET ROLE regress_kb_sender;
+SELECT kafka_bridge.send('t', 'k', 'v'::text);
+RESET ROLE;
+DROP ROLE regress_kb_sender;
+
+SELECT pg_drop_replication_slot('regress_send_slot');

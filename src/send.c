@@ -1,0 +1,193 @@
+/*-------------------------------------------------------------------------
+ * send.c
+ *	  kafka_bridge.send(): application records that reach Kafka if and only
+ *	  if the calling transaction commits, in commit order with its row events.
+ *
+ * A send is a transactional logical message (prefix "kafka_bridge") in the
+ * WAL: the output plugin turns it into a record when the transaction's
+ * commit is decoded, the publisher produces it like any row event, and a
+ * rollback, of the transaction or of a savepoint, drops it with the rest.
+ * No outbox table to create, poll or clean; a broker outage only delays it.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "fmgr.h"
+#include "libpq/pqformat.h"
+#include "replication/message.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/pg_lsn.h"
+
+#include "event_codec.h"
+#include "kafka_bridge.h"
+
+/*
+ * The producer's message.max.bytes (librdkafka's default, or what
+ * kafka_bridge.kafka_options / producer_options say), recomputed only when
+ * those settings change.  A larger record is refused at once: the producer
+ * would refuse it later, in the worker, where nobody can act on it.
+ */
+static int
+producer_max_bytes(void)
+{
+	static const char *cached_kafka = NULL;
+	static const char *cached_producer = NULL;
+	static int	max_bytes = 1000000;
+
+	if (cached_kafka != kb_kafka_options || cached_producer != kb_producer_options)
+	{
+		rd_kafka_conf_t *conf = rd_kafka_conf_new();
+		char		value[32];
+		size_t		size = sizeof(value);
+		char	   *detail;
+
+		/* both lists were validated when they were set */
+		if (kb_apply_property_list(conf, kb_kafka_options, &detail) &&
+			kb_apply_property_list(conf, kb_producer_options, &detail) &&
+			rd_kafka_conf_get(conf, "message.max.bytes", value, &size) == RD_KAFKA_CONF_OK)
+			max_bytes = atoi(value);
+		rd_kafka_conf_destroy(conf);
+		cached_kafka = kb_kafka_options;
+		cached_producer = kb_producer_options;
+	}
+	return max_bytes;
+}
+
+/* Append the headers, a JSON object of string (or null) values. */
+static int
+append_headers(StringInfo buf, Jsonb *headers)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			count = 0;
+	int			count_at = buf->len;
+	char	   *name = NULL;
+
+	pq_sendint16(buf, 0);		/* the count, once known */
+	if (headers == NULL)
+		return 0;
+	if (!JB_ROOT_IS_OBJECT(headers) || JB_ROOT_IS_SCALAR(headers))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("headers must be a JSON object"),
+				 errhint("Give headers as {\"name\": \"value\", ...}.")));
+
+	it = JsonbIteratorInit(&headers->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+		{
+			name = pnstrdup(v.val.string.val, v.val.string.len);
+			if (name[0] == '\0')
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("a header name cannot be empty")));
+			if (strlen(name) > PG_INT16_MAX)
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("header name \"%.40s...\" is too long", name)));
+		}
+		else if (tok == WJB_VALUE)
+		{
+			int			len = strlen(name);
+
+			if (v.type != jbvString && v.type != jbvNull)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("the value of header \"%s\" must be a string or null", name)));
+			pq_sendint16(buf, len);
+			pq_sendbytes(buf, name, len);
+			if (v.type == jbvNull)
+				pq_sendint32(buf, -1);
+			else
+			{
+				pq_sendint32(buf, v.val.string.len);
+				pq_sendbytes(buf, v.val.string.val, v.val.string.len);
+			}
+			count++;
+		}
+	}
+	if (count > PG_INT16_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("a record has at most %d headers", PG_INT16_MAX)));
+	{
+		uint16		n = pg_hton16((uint16) count);
+
+		memcpy(buf->data + count_at, &n, sizeof(n));
+	}
+	return count;
+}
+
+/*
+ * kafka_bridge.send(topic, key, value, headers): value is jsonb, text or
+ * bytea (one C function for the three).  Returns the LSN of the message.
+ */
+PG_FUNCTION_INFO_V1(kafka_bridge_send);
+
+Datum
+kafka_bridge_send(PG_FUNCTION_ARGS)
+{
+	Oid			value_type = get_fn_expr_argtype(fcinfo->flinfo, 2);
+	StringInfoData buf;
+	char	   *topic;
+	XLogRecPtr	lsn;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the topic of kafka_bridge.send() cannot be null")));
+	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	kb_check_topic(topic, false);
+
+	initStringInfo(&buf);
+	pq_sendbyte(&buf, value_type == JSONBOID ? KB_VALUE_KIND_JSON :
+				value_type == BYTEAOID ? KB_VALUE_KIND_BYTES : KB_VALUE_KIND_TEXT);
+	pq_sendint32(&buf, strlen(topic));
+	pq_sendbytes(&buf, topic, strlen(topic));
+
+	if (PG_ARGISNULL(1))
+		pq_sendint32(&buf, -1);
+	else
+	{
+		text	   *key = PG_GETARG_TEXT_PP(1);
+
+		pq_sendint32(&buf, VARSIZE_ANY_EXHDR(key));
+		pq_sendbytes(&buf, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key));
+	}
+
+	if (PG_ARGISNULL(2))
+		pq_sendint32(&buf, -1);
+	else if (value_type == JSONBOID)
+	{
+		Jsonb	   *jb = PG_GETARG_JSONB_P(2);
+		char	   *json = JsonbToCString(NULL, &jb->root, VARSIZE_ANY_EXHDR(jb));
+
+		pq_sendint32(&buf, strlen(json));
+		pq_sendbytes(&buf, json, strlen(json));
+	}
+	else
+	{
+		struct varlena *value = PG_GETARG_VARLENA_PP(2);
+
+		pq_sendint32(&buf, VARSIZE_ANY_EXHDR(value));
+		pq_sendbytes(&buf, VARDATA_ANY(value), VARSIZE_ANY_EXHDR(value));
+	}
+
+	append_headers(&buf, PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3));
+
+	if (buf.len > producer_max_bytes())
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("record for topic \"%s\" is %d bytes, more than the producer's limit of %d bytes",
+						topic, buf.len, producer_max_bytes()),
+				 errhint("Send a smaller value, or raise message.max.bytes in kafka_bridge.producer_options (and the topic's max.message.bytes).")));
+
+	lsn = LogLogicalMessage(KB_MESSAGE_PREFIX, buf.data, buf.len, true);
+	pfree(buf.data);
+	PG_RETURN_LSN(lsn);
+}
