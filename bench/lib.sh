@@ -1,0 +1,74 @@
+# bench/lib.sh - what the benchmarks share: run as postgres in a copy of the
+# tree when started as root, a real Kafka broker, one PostgreSQL instance
+# with kafka_bridge serving database "bench", cleanup at exit.
+#
+# A benchmark sets BENCH (its file name) and sources this file with its own
+# arguments; afterwards WORK, BOOTSTRAP, RESULTS_DIR and PGHOST / PGPORT /
+# PGDATABASE are set, and say, sql, now and published are defined.
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+PGBIN=/usr/lib/postgresql/15/bin
+export PATH="$PGBIN:$PATH"
+export KAFKA_BRIDGE_CACHE=${KAFKA_BRIDGE_CACHE:-/var/cache/kafka_bridge}
+
+if [ "$(id -u)" = 0 ]; then
+	# PostgreSQL will not run as root: run as postgres in a copy of the tree
+	make -s -C "$REPO" >/dev/null && make -s -C "$REPO" install >/dev/null
+	"$REPO/scripts/kafka" fetch >/dev/null
+	COPY=$(mktemp -d /tmp/kafka_bridge-bench.XXXXXX)
+	tar -C "$REPO" --exclude=.git --exclude='*.o' -cf - . | tar -C "$COPY" -xf -
+	chown -R postgres: "$COPY"
+	set +e
+	runuser -u postgres -- env PATH="$PATH" KAFKA_BRIDGE_CACHE="$KAFKA_BRIDGE_CACHE" HOME="$COPY" \
+		KB_BENCH_PROFILE="${KB_BENCH_PROFILE:-}" "$COPY/bench/$BENCH" "$@"
+	rc=$?
+	set -e
+	mkdir -p "$REPO/bench/results"
+	cp "$COPY/bench/results/$BENCH.json" "$REPO/bench/results/" 2>/dev/null || true
+	rm -rf "$COPY"
+	exit $rc
+fi
+RESULTS_DIR=$REPO/bench/results
+mkdir -p "$RESULTS_DIR"
+
+WORK=$(mktemp -d /tmp/kafka_bridge-bench-run.XXXXXX)
+export WORK
+export KAFKA_BRIDGE_KAFKA_DIR=$WORK/kafka
+PGDATA=$WORK/pg
+PGPORT=$((20000 + RANDOM % 10000))
+export PGHOST=$WORK PGPORT PGDATABASE=bench
+
+cleanup() {
+	pg_ctl -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true
+	"$REPO/scripts/kafka" stop --wipe >/dev/null 2>&1 || true
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+say() { printf '%s\n' "$*" >&2; }
+sql() { psql -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
+now() { date +%s.%N; }
+# records acknowledged so far, over every worker
+published() { sql "SELECT coalesce(sum(events_published), 0) FROM kafka_bridge.worker_status()"; }
+
+BOOTSTRAP=$("$REPO/scripts/kafka" start --port 29092 | tail -n 1)
+say "broker: $BOOTSTRAP"
+
+initdb -D "$PGDATA" -A trust -N >/dev/null
+{
+	echo "port = $PGPORT"
+	echo "unix_socket_directories = '$WORK'"
+	echo "listen_addresses = ''"
+	echo "shared_preload_libraries = 'kafka_bridge'"
+	echo "wal_level = logical"
+	echo "max_wal_size = 4GB"
+	echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json, kafka_bridge'"
+	echo "kafka_bridge.bootstrap_servers = '$BOOTSTRAP'"
+	echo "kafka_bridge.databases = 'bench'"
+	echo "kafka_bridge.instance_id = 'bench'"
+	echo "kafka_bridge.producer_options = 'linger.ms=5'"
+} >>"$PGDATA/postgresql.conf"
+pg_ctl -D "$PGDATA" -l "$WORK/pg.log" -w start >/dev/null
+createdb bench
+sql "CREATE EXTENSION kafka_bridge"
+until [ "$(sql "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'")" = 1 ]; do sleep 0.2; done
