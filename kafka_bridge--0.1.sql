@@ -131,3 +131,30 @@ COMMENT ON FUNCTION kafka_bridge.send(text, text, jsonb, jsonb) IS
 REVOKE ALL ON FUNCTION kafka_bridge.send(text, text, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.send(text, text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.send(text, text, bytea, jsonb) FROM PUBLIC;
+
+-- kafka_bridge.produce() (produce.c): a record sent at once, whatever becomes
+-- of the calling transaction; returns when the brokers acknowledged it
+CREATE FUNCTION kafka_bridge.produce(topic text, key text, value jsonb, headers jsonb DEFAULT NULL,
+	OUT partition integer, OUT "offset" bigint)
+RETURNS record
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_produce';
+CREATE FUNCTION kafka_bridge.produce(topic text, key text, value text, headers jsonb DEFAULT NULL,
+	OUT partition integer, OUT "offset" bigint)
+RETURNS record
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_produce';
+CREATE FUNCTION kafka_bridge.produce(topic text, key text, value bytea, headers jsonb DEFAULT NULL,
+	OUT partition integer, OUT "offset" bigint)
+RETURNS record
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_produce';
+COMMENT ON FUNCTION kafka_bridge.produce(text, text, jsonb, jsonb) IS
+'send a record to Kafka now, even if the calling transaction rolls back; waits for the acknowledgement (at most 30 s or statement_timeout) and returns its partition and offset';
+COMMENT ON FUNCTION kafka_bridge.produce(text, text, text, jsonb) IS
+'send a record to Kafka now, even if the calling transaction rolls back; waits for the acknowledgement (at most 30 s or statement_timeout) and returns its partition and offset';
+COMMENT ON FUNCTION kafka_bridge.produce(text, text, bytea, jsonb) IS
+'send a record to Kafka now, even if the calling transaction rolls back; waits for the acknowledgement (at most 30 s or statement_timeout) and returns its partition and offset';
+REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, bytea, jsonb) FROM PUBLIC;
