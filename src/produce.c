@@ -487,7 +487,12 @@ kafka_bridge_produce(PG_FUNCTION_ARGS)
 	while (!awaited.done)
 	{
 		CHECK_FOR_INTERRUPTS();
-		rd_kafka_poll(rk, 10);
+		/*
+		 * flush rather than poll: it serves the delivery report the same
+		 * way, and sends at once instead of lingering (linger.ms) for
+		 * records that will never come, since the caller waits
+		 */
+		rd_kafka_flush(rk, 10);
 		if (!awaited.done && GetCurrentTimestamp() >= deadline)
 			ereport(ERROR,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
