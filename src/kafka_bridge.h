@@ -5,7 +5,9 @@
  * One file a role: kafka_bridge.c (module init), settings.c (GUCs and the
  * librdkafka property lists), status.c (shared memory and the status view),
  * launcher.c (starts one worker per database), worker.c (the per-database
- * worker), kafka_client.c (librdkafka glue).
+ * worker), kafka_client.c (librdkafka glue), publisher.c (the worker's
+ * publishing), decoder.c (the output plugin), event_codec.c (rows to JSON),
+ * publish.c (publish()/unpublish()), send.c (send()), produce.c (produce()).
  *-------------------------------------------------------------------------
  */
 #ifndef KAFKA_BRIDGE_H
