@@ -19,6 +19,7 @@
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "nodes/bitmapset.h"
+#include "utils/jsonb.h"
 
 /*
  * ---- Frames of the 'kafka' output ----
@@ -174,6 +175,23 @@ extern void kb_check_topic(const char *topic, bool is_default);
  * first byte.
  */
 #define KB_MESSAGE_PREFIX		"kafka_bridge"
+
+/* A record header given to send() or produce(). */
+typedef struct KbHeader
+{
+	char	   *name;
+	int			name_len;
+	char	   *value;			/* NULL: a null header */
+	int			value_len;
+} KbHeader;
+
+/*
+ * The headers argument of send() and produce() (a JSON object of string or
+ * null values), checked, as a palloc'd array; returns how many.  Adds their
+ * bytes to *total_bytes.  (produce.c)
+ */
+extern int	kb_collect_headers(Jsonb *headers, KbHeader **result,
+							   size_t *total_bytes);
 #define KB_VALUE_KIND_JSON		'j'
 #define KB_VALUE_KIND_TEXT		't'
 #define KB_VALUE_KIND_BYTES		'b'

@@ -72,13 +72,6 @@ static struct
 } awaited;
 
 /* A header of the record, checked and copied before librdkafka sees it. */
-typedef struct KbHeader
-{
-	char	   *name;
-	int			name_len;
-	char	   *value;			/* NULL: a null header */
-	int			value_len;
-} KbHeader;
 
 /*
  * Delivery callback of the producer, called from rd_kafka_poll() on the
@@ -223,8 +216,8 @@ topic_handle(rd_kafka_t *rk, const char *topic, int *timeout_ms)
  * Check the headers argument, a JSON object whose values are strings or
  * null, and copy it.  Returns the number of headers.
  */
-static int
-collect_headers(Jsonb *headers, KbHeader **result, size_t *total_bytes)
+int
+kb_collect_headers(Jsonb *headers, KbHeader **result, size_t *total_bytes)
 {
 	JsonbIterator *it;
 	JsonbValue	v;
@@ -430,7 +423,7 @@ kafka_bridge_produce(PG_FUNCTION_ARGS)
 		value_len = VARSIZE_ANY_EXHDR(v);
 	}
 
-	nheaders = collect_headers(PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3),
+	nheaders = kb_collect_headers(PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3),
 							   &headers, &record_bytes);
 	record_bytes += key_len + value_len;
 

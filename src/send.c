@@ -56,71 +56,35 @@ producer_max_bytes(void)
 	return max_bytes;
 }
 
-/* Append the headers, a JSON object of string (or null) values. */
-static int
+/* Append the headers, checked as produce() checks them. */
+static void
 append_headers(StringInfo buf, Jsonb *headers)
 {
-	JsonbIterator *it;
-	JsonbValue	v;
-	JsonbIteratorToken tok;
-	int			count = 0;
-	int			count_at = buf->len;
-	char	   *name = NULL;
+	KbHeader   *list;
+	size_t		bytes = 0;
+	int			count = kb_collect_headers(headers, &list, &bytes);
 
-	pq_sendint16(buf, 0);		/* the count, once known */
-	if (headers == NULL)
-		return 0;
-	if (!JB_ROOT_IS_OBJECT(headers) || JB_ROOT_IS_SCALAR(headers))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("headers must be a JSON object"),
-				 errhint("Give headers as {\"name\": \"value\", ...}.")));
-
-	it = JsonbIteratorInit(&headers->root);
-	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
-	{
-		if (tok == WJB_KEY)
-		{
-			name = pnstrdup(v.val.string.val, v.val.string.len);
-			if (name[0] == '\0')
-				ereport(ERROR,
-						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("a header name cannot be empty")));
-			if (strlen(name) > PG_INT16_MAX)
-				ereport(ERROR,
-						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-						 errmsg("header name \"%.40s...\" is too long", name)));
-		}
-		else if (tok == WJB_VALUE)
-		{
-			int			len = strlen(name);
-
-			if (v.type != jbvString && v.type != jbvNull)
-				ereport(ERROR,
-						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("the value of header \"%s\" must be a string or null", name)));
-			pq_sendint16(buf, len);
-			pq_sendbytes(buf, name, len);
-			if (v.type == jbvNull)
-				pq_sendint32(buf, -1);
-			else
-			{
-				pq_sendint32(buf, v.val.string.len);
-				pq_sendbytes(buf, v.val.string.val, v.val.string.len);
-			}
-			count++;
-		}
-	}
 	if (count > PG_INT16_MAX)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("a record has at most %d headers", PG_INT16_MAX)));
+				 errmsg("a Kafka record has at most %d headers", PG_INT16_MAX)));
+	pq_sendint16(buf, count);
+	for (int i = 0; i < count; i++)
 	{
-		uint16		n = pg_hton16((uint16) count);
-
-		memcpy(buf->data + count_at, &n, sizeof(n));
+		if (list[i].name_len > PG_INT16_MAX)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("a Kafka record header name has at most %d bytes", PG_INT16_MAX)));
+		pq_sendint16(buf, list[i].name_len);
+		pq_sendbytes(buf, list[i].name, list[i].name_len);
+		if (list[i].value == NULL)
+			pq_sendint32(buf, -1);
+		else
+		{
+			pq_sendint32(buf, list[i].value_len);
+			pq_sendbytes(buf, list[i].value, list[i].value_len);
+		}
 	}
-	return count;
 }
 
 /*

@@ -81,9 +81,9 @@ ok((grep { ($_->{key} // '') eq 'while-down' } @r), 'a send made while the broke
 my ($rc, $out, $err) = $node->psql('postgres', "SELECT kafka_bridge.send('', 'k', 'v'::text)");
 like($err, qr/invalid Kafka topic name ""/, 'an empty topic is refused');
 ($rc, $out, $err) = $node->psql('postgres', "SELECT kafka_bridge.send('t', 'k', 'v'::text, '{\"h\": 1}')");
-like($err, qr/the value of header "h" must be a string or null/, 'a non-string header is refused');
+like($err, qr/the value of Kafka record header "h" must be a string or null/, 'a non-string header is refused');
 ($rc, $out, $err) = $node->psql('postgres', "SELECT kafka_bridge.send('t', 'k', 'v'::text, '[1]')");
-like($err, qr/headers must be a JSON object/, 'headers must be an object');
+like($err, qr/the headers of a Kafka record must be a JSON object/, 'headers must be an object');
 $node->safe_psql('postgres', 'CREATE ROLE regress_app LOGIN');
 ($rc, $out, $err) = $node->psql('postgres', "SELECT kafka_bridge.send('t', 'k', 'v'::text)",
 	extra_params => [ '-U', 'regress_app' ]);
