@@ -129,7 +129,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 	int			nheaders = pq_getmsgint(frame, 2);
 	char		topic_name[256];
 	bool		waiting = false;
-	rd_kafka_headers_t *headers = rd_kafka_headers_new(nheaders);
+	rd_kafka_headers_t *headers = nheaders > 0 ? rd_kafka_headers_new(nheaders) : NULL;
 	rd_kafka_resp_err_t err;
 
 	for (int i = 0; i < nheaders; i++)
@@ -157,14 +157,24 @@ produce_record(KbPublisher *pub, StringInfo frame)
 
 	for (;;)
 	{
-		err = rd_kafka_producev(rk,
-								RD_KAFKA_V_TOPIC(topic_name),
-								RD_KAFKA_V_KEY(key, key ? key_len : 0),
-								RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
-								RD_KAFKA_V_HEADERS(headers),
-								RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-								RD_KAFKA_V_OPAQUE(pub->open_txn),
-								RD_KAFKA_V_END);
+		/* a record without headers (most sends) needs no header list */
+		if (headers)
+			err = rd_kafka_producev(rk,
+									RD_KAFKA_V_TOPIC(topic_name),
+									RD_KAFKA_V_KEY(key, key ? key_len : 0),
+									RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
+									RD_KAFKA_V_HEADERS(headers),
+									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+									RD_KAFKA_V_OPAQUE(pub->open_txn),
+									RD_KAFKA_V_END);
+		else
+			err = rd_kafka_producev(rk,
+									RD_KAFKA_V_TOPIC(topic_name),
+									RD_KAFKA_V_KEY(key, key ? key_len : 0),
+									RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
+									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+									RD_KAFKA_V_OPAQUE(pub->open_txn),
+									RD_KAFKA_V_END);
 		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			break;
 		/* back-pressure: the broker is slow or away; wait for room */
@@ -199,7 +209,8 @@ produce_record(KbPublisher *pub, StringInfo frame)
 	}
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
-		rd_kafka_headers_destroy(headers);
+		if (headers)
+			rd_kafka_headers_destroy(headers);
 		if (!pub->failed)
 			snprintf(pub->failure, sizeof(pub->failure),
 					 "cannot produce to topic \"%s\": %s", topic_name, rd_kafka_err2str(err));
