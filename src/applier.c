@@ -121,6 +121,7 @@ typedef struct Applier
 	int			backoff_ms;
 	RepOriginId origin;
 	MemoryContext record_cxt;	/* reset after each record */
+	bool		busy;			/* the last batch had records */
 } Applier;
 
 static Applier ap;
@@ -255,8 +256,9 @@ check_subscriptions(void)
 	MemoryContextSwitchTo(cxt);
 	if (ap.subs != NIL)
 		ereport(LOG,
-				(errmsg("kafka_bridge applier for database \"%s\" applies %d subscribed topics",
-						ap.dbname, list_length(ap.subs))));
+				(errmsg_plural("kafka_bridge applier for database \"%s\" applies %d subscribed topic",
+							   "kafka_bridge applier for database \"%s\" applies %d subscribed topics",
+							   list_length(ap.subs), ap.dbname, list_length(ap.subs))));
 }
 
 /* Load a partition's stored offset and origin marks (SPI connected). */
@@ -1037,7 +1039,17 @@ kb_applier_loop(int status_slot, const char *dbname)
 				}
 			}
 			if (ap.client && ap.npartitions > 0)
+			{
 				consumed = consume_batch();
+				if (consumed > 0 && !ap.busy)
+					report(kb_status_slot(ap.slot)->state, "applying records");
+				else if (consumed == 0 && ap.busy &&
+						 kb_status_slot(ap.slot)->state == KB_STATE_CONNECTED)
+					report(KB_STATE_CONNECTED,
+						   psprintf("waiting for records in %d partitions of %d topics",
+									ap.npartitions, list_length(ap.subs)));
+				ap.busy = (consumed > 0);
+			}
 		}
 		if (ap.client)
 			kb_kafka_client_poll(ap.client);
