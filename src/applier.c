@@ -733,7 +733,7 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 	{
 		/* an error here rolls the whole batch back, and the user with it */
 		SetUserIdAndSecContext(ps->sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-		outcome = kb_apply_record(ps->sub, &rec, &reason);
+		outcome = kb_apply_record(ps->sub, &rec, true, &reason);
 		SetUserIdAndSecContext(save_userid, save_sec);
 	}
 	else
@@ -743,7 +743,7 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 		PG_TRY();
 		{
 			SetUserIdAndSecContext(ps->sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-			outcome = kb_apply_record(ps->sub, &rec, &reason);
+			outcome = kb_apply_record(ps->sub, &rec, false, &reason);
 			SetUserIdAndSecContext(save_userid, save_sec);
 			ReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(cxt);
@@ -788,6 +788,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 	volatile bool ok = true;
 
 	batch_reset();
+	kb_apply_discard();
 	PG_TRY();
 	{
 		MemoryContext spi_cxt;
@@ -809,6 +810,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 			MemoryContextSwitchTo(spi_cxt);
 			MemoryContextReset(ap.record_cxt);
 		}
+		kb_apply_flush();
 		store_progress();
 		end_work();
 	}
@@ -819,6 +821,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 		*edata = CopyErrorData();
 		AbortOutOfAnyTransaction();
 		FlushErrorState();
+		kb_apply_discard();
 		RESUME_INTERRUPTS();
 		MemoryContextSwitchTo(cxt);
 		ok = false;
@@ -904,6 +907,9 @@ consume_batch(void)
 	if (!ok && !is_transient(edata->sqlerrcode))
 	{
 		/* some record is refused: again one by one, the bad ones set aside */
+		ereport(DEBUG1,
+				(errmsg_internal("kafka_bridge applier applies a batch of %d records one by one", n),
+				 errdetail_internal("%s", edata->message)));
 		ok = apply_batch(msgs, n, true, &edata);
 	}
 	if (ok)

@@ -105,10 +105,19 @@ typedef struct KbRecord
  * Apply one record of a subscribed topic to its table.  Raises an error
  * when PostgreSQL refuses the change (the caller decides whether that is
  * the event's fault); returns KB_APPLY_REJECTED with *reason when the
- * event itself is malformed.  Runs as the subscription's apply role.
+ * event itself is malformed.  The caller runs it as the subscription's
+ * apply role.
  */
 extern KbApplyOutcome kb_apply_record(KbSubscription *sub, KbRecord *rec,
-									  char **reason);
+									  bool gather, char **reason);
+
+/*
+ * With gather, kb_apply_record may keep a PUT to apply later with others:
+ * kb_apply_flush() applies what is kept (before the transaction commits),
+ * kb_apply_discard() forgets it (after a rollback).
+ */
+extern void kb_apply_flush(void);
+extern void kb_apply_discard(void);
 
 /* The column being converted when an error is raised, or NULL. */
 extern const char *kb_apply_current_column(void);
