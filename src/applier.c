@@ -56,6 +56,7 @@
 #include "utils/memutils.h"
 #include "utils/pg_lsn.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "apply.h"
@@ -203,6 +204,19 @@ check_subscriptions(void)
 			elog(ERROR, "SPI_connect failed");
 		MemoryContextSwitchTo(cxt);
 		subs = kb_load_subscriptions();
+		foreach(lc, subs)
+		{
+			KbSubscription *s = lfirst(lc);
+
+			if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->apply_role)))
+			{
+				/* its topic is left alone: nothing is lost, it waits */
+				kb_status_set_error(ap.slot, KB_STATE_ERROR,
+									"the subscription of topic \"%s\" applies as a role that no longer exists: subscribe its table again with an existing apply_role",
+									s->topic);
+				subs = foreach_delete_current(subs, lc);
+			}
+		}
 		SPI_finish();
 		PopActiveSnapshot();
 		if (ap.origin == InvalidRepOriginId)
@@ -229,6 +243,7 @@ check_subscriptions(void)
 	foreach(lc, subs)
 	{
 		KbSubscription *s = lfirst(lc);
+
 
 		appendStringInfo(&sig, "%u|%s|%d|%s|%u;", s->relid, s->topic, (int) s->format,
 						 s->event_prefix, s->apply_role);
@@ -803,8 +818,14 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 			strlcpy(key.topic, rd_kafka_topic_name(msgs[i]->rkt), sizeof(key.topic));
 			key.partition = msgs[i]->partition;
 			ps = hash_search(ap.partitions, &key, HASH_FIND, NULL);
-			if (ps == NULL || ps->sub == NULL || msgs[i]->offset < ps->new_next)
-				continue;		/* not ours, or fetched twice */
+			if (ps == NULL || ps->sub == NULL)
+				continue;		/* no longer assigned */
+			if (msgs[i]->offset < ps->new_next && !careful)
+				ereport(LOG,
+						(errmsg("kafka_bridge applier reads partition %d of topic \"%s\" again from offset %lld, before its stored offset %lld",
+								key.partition, key.topic, (long long) msgs[i]->offset,
+								(long long) ps->new_next),
+						 errdetail("The topic was deleted and created again, or its records were deleted; records already applied are recognised by their origin and position.")));
 			MemoryContextSwitchTo(ap.record_cxt);
 			apply_one(ps, msgs[i], careful);
 			MemoryContextSwitchTo(spi_cxt);
