@@ -84,7 +84,7 @@ SELECT kafka_bridge.unsubscribe('regress_sync');
 DROP TABLE regress_sub_by_index;
 SELECT table_name FROM kafka_bridge.subscribed_tables ORDER BY 1;
 
--- dead letters: readable by monitoring roles
+-- dead letters hold rows: not even monitoring roles read them unless granted
 SELECT has_table_privilege('pg_monitor', 'kafka_bridge.dead_letters', 'SELECT') AS monitor_reads,
        has_table_privilege('regress_sub_user', 'kafka_bridge.dead_letters', 'SELECT') AS user_reads;
 

@@ -689,7 +689,6 @@ is_transient(int sqlerrcode)
 		case ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES):
 		case ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION):
 		case ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR):
-		case ERRCODE_TO_CATEGORY(ERRCODE_INTERNAL_ERROR):
 		case ERRCODE_TO_CATEGORY(ERRCODE_CONNECTION_EXCEPTION):
 			return true;
 	}
@@ -704,6 +703,7 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 	KbRecord	rec = {0};
 	rd_kafka_headers_t *hdrs = NULL;
 	char	   *text;
+	char	   *seq_text;
 	char	   *reason = NULL;
 	KbApplyOutcome outcome;
 	MemoryContext cxt = CurrentMemoryContext;
@@ -722,15 +722,21 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 
 		rec.origin = header_text(hdrs, KB_HEADER_ORIGIN);
 		text = header_text(hdrs, KB_HEADER_LSN);
-		if (text && sscanf(text, "%X/%X", &hi, &lo) == 2)
+		seq_text = header_text(hdrs, KB_HEADER_SEQ);
+		/* a position is both: without its number a replay cannot be told */
+		if (text && seq_text && sscanf(text, "%X/%X", &hi, &lo) == 2)
+		{
 			rec.lsn = ((uint64) hi << 32) | lo;
-		text = header_text(hdrs, KB_HEADER_SEQ);
-		if (text)
-			rec.seq = (uint32) strtoul(text, NULL, 10);
+			rec.seq = (uint32) strtoul(seq_text, NULL, 10);
+		}
 	}
 
-	if (msg->payload != NULL && (rec.origin == NULL || strcmp(rec.origin, kb_instance_id()) != 0) &&
-		seen_before(ps, &rec))
+	if (rec.origin && strcmp(rec.origin, kb_instance_id()) == 0)
+	{
+		ps->skipped++;			/* this instance's own change, back */
+		return;
+	}
+	if (msg->payload != NULL && seen_before(ps, &rec))
 	{
 		ps->skipped++;
 		return;

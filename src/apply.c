@@ -34,6 +34,7 @@
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
+#include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -59,6 +60,7 @@ typedef struct ApplyColumn
 	FmgrInfo	input;
 	Oid			ioparam;
 	bool		is_array;		/* JSON arrays become array literals */
+	bool		is_json;		/* json or jsonb (or an array of them): JSON strings stay quoted */
 	Oid			array_type;		/* for PLAN_UPSERT_MANY, or InvalidOid */
 	int16		typlen;
 	bool		typbyval;
@@ -113,6 +115,7 @@ free_table(ApplyTable *t)
 		MemoryContextDelete(t->cxt);
 	t->cxt = NULL;
 	t->plans = NIL;
+	t->ignored = NIL;			/* it lived in t->cxt */
 	t->valid = false;
 }
 
@@ -224,6 +227,12 @@ build_table(ApplyTable *t)
 		getTypeInputInfo(att->atttypid, &infunc, &c->ioparam);
 		fmgr_info_cxt(infunc, &c->input, t->cxt);
 		c->is_array = OidIsValid(get_element_type(getBaseType(att->atttypid)));
+		{
+			Oid			base = getBaseType(c->is_array ? get_element_type(getBaseType(att->atttypid))
+											   : att->atttypid);
+
+			c->is_json = (base == JSONOID || base == JSONBOID);
+		}
 		c->writable = (att->attgenerated == '\0');
 		get_typlenbyvalalign(att->atttypid, &c->typlen, &c->typbyval, &c->typalign);
 		/* an array column's array type would be its own: unnest flattens it */
@@ -433,11 +442,20 @@ column_value(ApplyColumn *c, KbJsonField *f, bool *isnull)
 	if (*isnull)
 		return (Datum) 0;
 	current_column = c->name;
-	if (f->type == JSON_TOKEN_ARRAY_START && c->is_array)
+	if (f->type == JSON_TOKEN_STRING && c->is_json && !c->is_array)
+	{
+		/* a JSON string is the value: give the type its JSON text */
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		escape_json(&buf, f->text);
+		text = buf.data;
+	}
+	else if (f->type == JSON_TOKEN_ARRAY_START && c->is_array)
 	{
 		char	   *error;
 
-		text = kb_json_array_to_literal(f->text, &error);
+		text = kb_json_array_to_literal(f->text, c->is_json, &error);
 		if (text == NULL)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
@@ -708,7 +726,7 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 	PlanKind	plan_kind;
 
 	current_column = NULL;
-	if (msg->payload == NULL)
+	if (msg->payload == NULL && sub->format == KB_FORMAT_ENVELOPE)
 		return KB_APPLY_SKIPPED;	/* a tombstone: the DELETE did the work */
 	if (rec->origin && strcmp(rec->origin, kb_instance_id()) == 0)
 		return KB_APPLY_SKIPPED;	/* this instance's own change */
@@ -771,6 +789,8 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 	}
 	else
 	{
+		if (msg->payload == NULL)
+			return reject(reason, "the %s record has no value: in the flat format the value is the row", event);
 		error = kb_json_parse_object(msg->payload, msg->len, &row, NULL, NULL, NULL);
 		if (error)
 			return reject(reason, "the record value is not a row: %s", error);

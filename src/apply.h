@@ -76,9 +76,10 @@ extern KbJsonField *kb_json_find(KbJsonObject *obj, const char *name);
 
 /*
  * A JSON array as a PostgreSQL array literal ("[1,[2]]" -> "{1,{2}}");
- * NULL and *error set when it is no array of arrays and scalars.
+ * NULL and *error set when it is no array of arrays and scalars.  With
+ * json_elements (json[], jsonb[]) string elements keep their JSON quotes.
  */
-extern char *kb_json_array_to_literal(char *json, char **error);
+extern char *kb_json_array_to_literal(char *json, bool json_elements, char **error);
 
 /* The strings of a JSON array of strings; false when it is not one. */
 extern bool kb_json_string_array(char *json, List **strings);
