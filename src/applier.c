@@ -62,8 +62,8 @@
 #include "apply.h"
 #include "kafka_bridge.h"
 
-/* how long one batch may gather records */
-#define KB_BATCH_MS 20
+/* how long one batch may gather records while they keep coming */
+#define KB_BATCH_MS 100
 /* longest wait for a record, so the loop still sees signals and reloads */
 #define KB_POLL_MS 100
 /* metadata (partitions of the subscribed topics) refresh */
@@ -895,18 +895,19 @@ consume_batch(void)
 	ErrorData  *edata = NULL;
 	bool		ok;
 
-	while (n < max)
+	/* until the batch is full, old enough, or no record is coming */
+	while (n < max && (n == 0 || GetCurrentTimestamp() < deadline))
 	{
 		rd_kafka_message_t *msg = rd_kafka_consumer_poll(rk, n == 0 ? KB_POLL_MS : 0);
 
 		if (msg == NULL)
 		{
-			if (n == 0 || GetCurrentTimestamp() >= deadline)
+			if (n == 0)
 				break;
-			/* more may be on their way: wait a little, within the batch time */
+			/* more may be on their way: a millisecond, then apply what came */
 			msg = rd_kafka_consumer_poll(rk, 1);
 			if (msg == NULL)
-				continue;
+				break;
 		}
 		if (msg->err)
 		{
