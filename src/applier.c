@@ -1005,22 +1005,12 @@ kb_applier_loop(int status_slot, const char *dbname)
 		MemoryContextReset(loop_cxt);
 		MemoryContextSwitchTo(loop_cxt);
 
-		if (ConfigReloadPending)
+		if (ConfigReloadPending && kb_reload_settings(&fingerprint))
 		{
-			char	   *now_fp;
-
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			now_fp = kb_kafka_settings_fingerprint();
-			if (strcmp(now_fp, fingerprint) != 0)
-			{
-				ereport(LOG,
-						(errmsg("kafka_bridge applier for database \"%s\" is reconnecting with the reloaded Kafka settings",
-								dbname)));
-				drop_consumer();
-			}
-			pfree(fingerprint);
-			fingerprint = MemoryContextStrdup(TopMemoryContext, now_fp);
+			ereport(LOG,
+					(errmsg("kafka_bridge applier for database \"%s\" is reconnecting with the reloaded Kafka settings",
+							dbname)));
+			drop_consumer();
 		}
 
 		now = GetCurrentTimestamp();

@@ -158,6 +158,7 @@ extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 								  char *brokers, size_t brokers_size,
 								  char *error, size_t error_size);
 extern char *kb_kafka_settings_fingerprint(void);
+extern bool kb_reload_settings(char **fingerprint);
 
 /* ---- publisher.c ---- */
 

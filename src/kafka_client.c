@@ -16,6 +16,8 @@
 #include <signal.h>
 
 #include "lib/stringinfo.h"
+#include "postmaster/interrupt.h"
+#include "utils/guc.h"
 #include "utils/elog.h"
 #include "utils/memutils.h"
 
@@ -237,4 +239,26 @@ kb_kafka_settings_fingerprint(void)
 	return psprintf("%s\n%s\n%s\n%s\n%s\n%s",
 					kb_bootstrap_servers, kb_kafka_options, kb_producer_options,
 					kb_consumer_options, kb_sasl_password, kb_ssl_key_password);
+}
+
+/*
+ * Reload the configuration file after SIGHUP.  Returns true when the Kafka
+ * settings changed, so that the caller builds its client again;
+ * *fingerprint (in TopMemoryContext) follows the settings in force.
+ */
+bool
+kb_reload_settings(char **fingerprint)
+{
+	char	   *now_fp;
+	bool		changed;
+
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	now_fp = kb_kafka_settings_fingerprint();
+	changed = (*fingerprint == NULL || strcmp(now_fp, *fingerprint) != 0);
+	if (*fingerprint)
+		pfree(*fingerprint);
+	*fingerprint = MemoryContextStrdup(TopMemoryContext, now_fp);
+	pfree(now_fp);
+	return changed;
 }

@@ -242,23 +242,13 @@ worker_loop(const char *dbname)
 		MemoryContextReset(loop_cxt);
 		MemoryContextSwitchTo(loop_cxt);
 
-		if (ConfigReloadPending)
+		if (ConfigReloadPending && kb_reload_settings(&fingerprint))
 		{
-			char	   *now_fp;
-
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			now_fp = kb_kafka_settings_fingerprint();
-			if (strcmp(now_fp, fingerprint) != 0)
-			{
-				ereport(LOG,
-						(errmsg("kafka_bridge publisher for database \"%s\" is reconnecting with the reloaded Kafka settings",
-								dbname)));
-				drop_kafka(&w);
-				w.next_probe = 0;
-			}
-			pfree(fingerprint);
-			fingerprint = MemoryContextStrdup(TopMemoryContext, now_fp);
+			ereport(LOG,
+					(errmsg("kafka_bridge publisher for database \"%s\" is reconnecting with the reloaded Kafka settings",
+							dbname)));
+			drop_kafka(&w);
+			w.next_probe = 0;
 		}
 
 		now = GetCurrentTimestamp();
