@@ -24,6 +24,9 @@ EXTRA_CLEAN = tmp_check results regression.diffs regression.out
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# every object depends on the shared headers (PGXS tracks no dependencies)
+$(OBJS): $(wildcard src/*.h)
+
 # the pg_regress suite, for scripts/test
 print-regress:
 	@echo $(REGRESS)

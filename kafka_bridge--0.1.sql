@@ -17,6 +17,7 @@ COMMENT ON FUNCTION kafka_bridge.instance_id() IS
 
 CREATE FUNCTION kafka_bridge.worker_status(
 	OUT database text,
+	OUT worker text,
 	OUT pid integer,
 	OUT state text,
 	OUT instance_id text,
@@ -37,7 +38,7 @@ CREATE VIEW kafka_bridge.status AS
 	SELECT * FROM kafka_bridge.worker_status();
 
 COMMENT ON VIEW kafka_bridge.status IS
-'one row per database worker: state, brokers, last error, counters';
+'one row per worker (a publisher and an applier per database): state, brokers, last error, counters';
 
 REVOKE ALL ON FUNCTION kafka_bridge.worker_status() FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.status FROM PUBLIC;
@@ -158,3 +159,144 @@ COMMENT ON FUNCTION kafka_bridge.produce(text, text, bytea, jsonb) IS
 REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, bytea, jsonb) FROM PUBLIC;
+
+-- ---- Applying topics to tables: subscribe.c (SQL functions), applier.c
+-- (the worker's consumer), apply.c (events to rows) ----
+
+-- One table per topic.  apply_role is whose privileges and row security
+-- apply to the rows written: by default the role that subscribed.
+CREATE TABLE kafka_bridge.subscriptions (
+	relid regclass PRIMARY KEY,
+	topic text NOT NULL UNIQUE,
+	format text NOT NULL CHECK (format IN ('envelope', 'flat')),
+	event_prefix text NOT NULL,
+	apply_role regrole NOT NULL,
+	created_at timestamptz NOT NULL DEFAULT now()
+);
+
+COMMENT ON TABLE kafka_bridge.subscriptions IS
+'subscribed tables; change it with kafka_bridge.subscribe() and kafka_bridge.unsubscribe() only';
+
+SELECT pg_catalog.pg_extension_config_dump('kafka_bridge.subscriptions', '');
+
+-- Where the applier stands in each partition, written in the same
+-- transaction as the rows applied from it: after any restart, it resumes at
+-- next_offset and nothing is applied twice or skipped.
+CREATE TABLE kafka_bridge.apply_progress (
+	topic text NOT NULL,
+	partition integer NOT NULL,
+	next_offset bigint NOT NULL,
+	high_watermark bigint NOT NULL DEFAULT 0,
+	consumed bigint NOT NULL DEFAULT 0,
+	applied bigint NOT NULL DEFAULT 0,
+	skipped bigint NOT NULL DEFAULT 0,
+	dead_letters bigint NOT NULL DEFAULT 0,
+	last_error text,
+	last_error_at timestamptz,
+	updated_at timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (topic, partition)
+);
+
+COMMENT ON TABLE kafka_bridge.apply_progress IS
+'the next offset to apply in each partition of a subscribed topic, with counters; written by the applier';
+
+-- The last event applied from each origin in each partition: the position
+-- (commit LSN, record number) of a replayed event, which the publisher's
+-- at-least-once delivery may send twice, tells it is already applied.
+CREATE TABLE kafka_bridge.apply_origins (
+	topic text NOT NULL,
+	partition integer NOT NULL,
+	origin text NOT NULL,
+	lsn pg_lsn NOT NULL,
+	seq integer NOT NULL,
+	PRIMARY KEY (topic, partition, origin)
+);
+
+COMMENT ON TABLE kafka_bridge.apply_origins IS
+'per partition and origin instance, the position of the last event applied; replays at or before it are skipped';
+
+-- Records that could not be applied, with why; nothing of them reached the
+-- table, and the records after them were applied.
+CREATE TABLE kafka_bridge.dead_letters (
+	id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	table_name regclass,
+	topic text NOT NULL,
+	partition integer NOT NULL,
+	"offset" bigint NOT NULL,
+	key bytea,
+	value bytea,
+	headers jsonb,
+	reason text NOT NULL,
+	failed_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX ON kafka_bridge.dead_letters (topic, partition, "offset");
+
+COMMENT ON TABLE kafka_bridge.dead_letters IS
+'records the applier could not apply, with their coordinates, raw key and value, headers and the reason';
+
+CREATE FUNCTION kafka_bridge.subscribe(
+	tbl regclass,
+	topic text DEFAULT NULL,
+	format text DEFAULT 'envelope',
+	event_prefix text DEFAULT NULL,
+	apply_role regrole DEFAULT NULL)
+RETURNS void
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_subscribe';
+
+COMMENT ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole) IS
+'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the caller)';
+
+CREATE FUNCTION kafka_bridge.unsubscribe(tbl regclass)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_unsubscribe';
+
+COMMENT ON FUNCTION kafka_bridge.unsubscribe(regclass) IS
+'stop applying a topic to a table and forget where the applier stood in it';
+
+CREATE FUNCTION kafka_bridge.sync(
+	tbl regclass,
+	topic text DEFAULT NULL,
+	format text DEFAULT 'envelope',
+	event_prefix text DEFAULT NULL)
+RETURNS void
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_sync';
+
+COMMENT ON FUNCTION kafka_bridge.sync(regclass, text, text, text) IS
+'publish a table to a topic and apply that topic to it: keeps the table in sync with every instance doing the same';
+
+CREATE VIEW kafka_bridge.subscribed_tables AS
+	SELECT relid AS table_name, topic, format, event_prefix, apply_role, created_at
+	  FROM kafka_bridge.subscriptions;
+
+COMMENT ON VIEW kafka_bridge.subscribed_tables IS
+'the subscribed tables, their topic, format and event prefix, and the role that applies them';
+
+CREATE VIEW kafka_bridge.subscription_status AS
+	SELECT s.relid AS table_name, s.topic, p.partition, p.next_offset,
+		   GREATEST(p.high_watermark OPERATOR(pg_catalog.-) p.next_offset, 0) AS lag,
+		   p.consumed, p.applied, p.skipped, p.dead_letters,
+		   p.last_error, p.last_error_at, p.updated_at
+	  FROM kafka_bridge.subscriptions s
+	  LEFT JOIN kafka_bridge.apply_progress p ON p.topic OPERATOR(pg_catalog.=) s.topic;
+
+COMMENT ON VIEW kafka_bridge.subscription_status IS
+'per subscribed table and partition: next offset, lag behind the partition end, counts of records consumed, applied, skipped and dead-lettered, last error';
+
+-- The subscriptions and the offsets say what gets written into which table:
+-- only superusers and roles an administrator grants the functions to.
+REVOKE ALL ON kafka_bridge.subscriptions FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.apply_progress FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.apply_origins FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.dead_letters FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.subscribed_tables FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.subscription_status FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.unsubscribe(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.sync(regclass, text, text, text) FROM PUBLIC;
+GRANT SELECT ON kafka_bridge.subscribed_tables TO pg_monitor;
+GRANT SELECT ON kafka_bridge.subscription_status TO pg_monitor;
+GRANT SELECT ON kafka_bridge.dead_letters TO pg_monitor;

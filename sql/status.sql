@@ -6,35 +6,38 @@
 DO $$
 BEGIN
   FOR i IN 1..300 LOOP
-    EXIT WHEN EXISTS (SELECT 1 FROM kafka_bridge.status WHERE state = 'error');
+    EXIT WHEN (SELECT count(*) FROM kafka_bridge.status WHERE state = 'error') = 2;
     PERFORM pg_sleep(0.1);
   END LOOP;
 END $$;
-SELECT database, pid, state, last_error, last_error_at IS NOT NULL AS has_time
-  FROM kafka_bridge.status;
+SELECT database, worker, pid, state, last_error, last_error_at IS NOT NULL AS has_time
+  FROM kafka_bridge.status ORDER BY worker;
 
--- once it exists, a worker starts there and reports the unreachable broker
+-- once it exists, workers start there: the publisher reports the
+-- unreachable broker, the applier has nothing to do
 CREATE DATABASE regress_kb_missing_db;
 DO $$
 BEGIN
   FOR i IN 1..300 LOOP
     EXIT WHEN EXISTS (SELECT 1 FROM kafka_bridge.status
                        WHERE state = 'error' AND pid IS NOT NULL
-                         AND last_error LIKE '%Connection refused%');
+                         AND last_error LIKE '%Connection refused%')
+          AND EXISTS (SELECT 1 FROM kafka_bridge.status
+                       WHERE worker = 'applier' AND state = 'idle' AND pid IS NOT NULL);
     PERFORM pg_sleep(0.1);
   END LOOP;
 END $$;
-SELECT database, pid IS NOT NULL AS running, state, brokers, activity,
+SELECT database, worker, pid IS NOT NULL AS running, state, brokers, activity,
        regexp_replace(last_error, ' \(after .*', '') AS last_error,
        events_published, events_applied, publish_lag_bytes, consumer_lag
-  FROM kafka_bridge.status;
+  FROM kafka_bridge.status ORDER BY worker;
 
 -- pg_stat_activity shows both processes and what they do
 SELECT backend_type, datname, application_name,
        regexp_replace(query, '(waiting for Kafka at [0-9.:]+).*', '\1') AS query
   FROM pg_stat_activity WHERE backend_type LIKE 'kafka\_bridge%' ORDER BY 1;
 
--- taking the database out of the list stops its worker
+-- taking the database out of the list stops its workers
 ALTER SYSTEM SET kafka_bridge.databases = '';
 SELECT pg_reload_conf();
 DO $$

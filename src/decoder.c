@@ -117,6 +117,8 @@ typedef struct KbDecodingData
 	char		origin[128];	/* instance id */
 	StringInfoData origin_json;
 	char		lsn[32];		/* commit LSN as %X/%X */
+	uint32		seq;			/* the record's number in the transaction */
+	char		seq_text[16];
 	StringInfoData txn_meta;	/* the transaction's envelope fields */
 
 	/* scratch */
@@ -599,6 +601,10 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 {
 	StringInfo	out = ctx->out;
 
+	/* a tombstone shares the number of the DELETE it follows */
+	if (!null_value || data->seq == 0)
+		snprintf(data->seq_text, sizeof(data->seq_text), "%u", ++data->seq);
+
 	OutputPluginPrepareWrite(ctx, last_write);
 	if (data->output == KB_OUTPUT_KAFKA)
 	{
@@ -632,6 +638,8 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 	{
 		appendStringInfoString(out, ",\"lsn\":\"");
 		appendStringInfoString(out, data->lsn);
+		appendStringInfoString(out, "\",\"seq\":\"");
+		appendStringInfoString(out, data->seq_text);
 		appendStringInfoChar(out, '"');
 	}
 	appendStringInfoString(out, "},\"value\":");
@@ -654,11 +662,14 @@ record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
 
 			memcpy(out->data + data->value_start, &len, sizeof(len));
 		}
-		pq_sendint16(out, data->include_lsn ? 3 : 2);
+		pq_sendint16(out, data->include_lsn ? 4 : 2);
 		send_header(out, KB_HEADER_EVENT, entry->event[event]);
 		send_header(out, KB_HEADER_ORIGIN, data->origin);
 		if (data->include_lsn)
+		{
 			send_header(out, KB_HEADER_LSN, data->lsn);
+			send_header(out, KB_HEADER_SEQ, data->seq_text);
+		}
 	}
 	else
 		appendStringInfoChar(out, '}');
@@ -823,6 +834,7 @@ kb_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 	/* nothing is written until the transaction has a record */
 	data->txn_has_records = false;
 	data->txn_meta_ready = false;
+	data->seq = 0;
 }
 
 static void
@@ -847,6 +859,7 @@ kb_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	}
 	data->txn_has_records = false;
 	data->txn_meta_ready = false;
+	data->seq = 0;
 }
 
 /*

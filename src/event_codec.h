@@ -50,6 +50,7 @@
 #define KB_HEADER_EVENT		"event"
 #define KB_HEADER_ORIGIN	"origin"
 #define KB_HEADER_LSN		"lsn"
+#define KB_HEADER_SEQ		"seq"	/* the record's number in its transaction */
 
 /* Event type suffixes: "<PREFIX>-PUT" and so on. */
 #define KB_EVENT_PUT		"PUT"
@@ -157,6 +158,9 @@ typedef struct KbPublication
 
 extern bool kb_lookup_publication(Oid relid, KbPublication *pub);
 extern void kb_check_topic(const char *topic, bool is_default);
+extern void kb_check_event_prefix(const char *prefix);
+extern KbEventFormat kb_parse_format(const char *name);
+extern struct RelationData *kb_open_owned_table(Oid relid);
 
 /*
  * ---- Application records: kafka_bridge.send() ----

@@ -17,6 +17,7 @@
 #include "storage/ipc.h"
 #include "utils/builtins.h"
 
+#include "apply.h"
 #include "kafka_bridge.h"
 
 PG_MODULE_MAGIC;
@@ -44,12 +45,21 @@ kb_shmem_startup(void)
 	kb_status_init_shmem();
 }
 
-/* After a commit that wrote, wake this database's publisher. */
+/*
+ * After a commit that wrote, wake this database's publisher; after one that
+ * changed the subscriptions, its applier too.
+ */
 static void
 kb_xact_callback(XactEvent event, void *arg)
 {
 	if (event == XACT_EVENT_COMMIT && TransactionIdIsValid(GetTopTransactionIdIfAny()))
-		kb_status_wake_publishers(MyDatabaseId);
+	{
+		kb_status_wake(MyDatabaseId, KB_ROLE_PUBLISHER);
+		if (kb_subscriptions_changed)
+			kb_status_wake(MyDatabaseId, KB_ROLE_APPLIER);
+	}
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
+		kb_subscriptions_changed = false;
 }
 
 void

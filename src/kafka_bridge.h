@@ -24,7 +24,10 @@
 #define KB_EXTENSION_NAME "kafka_bridge"
 
 /* Most databases kafka_bridge.databases may list: the status area is fixed. */
-#define KB_MAX_WORKERS 64
+#define KB_MAX_DATABASES 32
+
+/* Each database has a publisher and an applier, each with a status slot. */
+#define KB_MAX_WORKERS (2 * KB_MAX_DATABASES)
 
 /* ---- settings.c ---- */
 
@@ -38,6 +41,8 @@ extern char *kb_sasl_password;
 extern char *kb_ssl_key_password;
 extern int	kb_worker_restart_delay;
 extern int	kb_probe_interval;
+extern int	kb_max_event_size;	/* kB */
+extern int	kb_apply_batch_size;
 
 /* true when loaded through shared_preload_libraries (workers and shmem exist) */
 extern bool kb_preloaded;
@@ -72,13 +77,24 @@ typedef enum KbWorkerState
 	KB_STATE_CONNECTING,		/* Kafka client created, no answer yet */
 	KB_STATE_CONNECTED,			/* the last metadata request succeeded */
 	KB_STATE_ERROR,				/* the last attempt failed; see last_error */
-	KB_STATE_STOPPED			/* worker exited; launcher restarts it */
+	KB_STATE_STOPPED,			/* worker exited; launcher restarts it */
+	KB_STATE_IDLE				/* nothing to do (an applier without subscriptions) */
 } KbWorkerState;
+
+/* What a database worker does: one process of each kind per database. */
+typedef enum KbWorkerRole
+{
+	KB_ROLE_PUBLISHER,			/* publishes the database's changes */
+	KB_ROLE_APPLIER				/* applies subscribed topics to tables */
+} KbWorkerRole;
+
+#define KB_NUM_ROLES 2
 
 typedef struct KbWorkerSlot
 {
 	/* set by the launcher */
 	NameData	dbname;
+	KbWorkerRole role;
 	int			generation;		/* bumped each time the slot is reused */
 
 	/* set by the worker (strings under the status lock) */
@@ -102,8 +118,7 @@ typedef struct KbWorkerSlot
 extern void kb_status_request_shmem(void);
 extern void kb_status_init_shmem(void);
 extern KbWorkerSlot *kb_status_slot(int index);
-extern int	kb_status_find(const char *dbname);
-extern int	kb_status_claim(const char *dbname);
+extern int	kb_status_claim(const char *dbname, KbWorkerRole role);
 extern void kb_status_release(int index);
 extern void kb_status_set(int index, KbWorkerState state, const char *activity);
 extern void kb_status_set_error(int index, KbWorkerState state,
@@ -111,14 +126,19 @@ extern void kb_status_set_error(int index, KbWorkerState state,
 extern void kb_status_set_brokers(int index, const char *brokers);
 extern void kb_status_set_pid(int index, int pid);
 extern const char *kb_state_name(KbWorkerState state);
+extern const char *kb_role_name(KbWorkerRole role);
 extern void kb_status_set_latch(int index, Oid dboid, struct Latch *latch);
-extern void kb_status_wake_publishers(Oid dboid);
+extern void kb_status_wake(Oid dboid, KbWorkerRole role);
 
 /* ---- launcher.c / worker.c ---- */
 
 extern void kb_register_launcher(void);
 extern PGDLLEXPORT void kafka_bridge_launcher_main(Datum arg);
 extern PGDLLEXPORT void kafka_bridge_worker_main(Datum arg);
+
+/* ---- applier.c ---- */
+
+extern void kb_applier_loop(int status_slot, const char *dbname) pg_attribute_noreturn();
 
 /* ---- kafka_client.c ---- */
 

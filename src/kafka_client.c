@@ -91,6 +91,8 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 	ok = conf_set(conf, "bootstrap.servers", kb_bootstrap_servers, detail) &&
 		conf_set(conf, "client.id", client_id, detail) &&
 		conf_set(conf, "log.queue", "true", detail) &&
+		(role != KB_CLIENT_CONSUMER ||
+		 conf_set(conf, "auto.offset.reset", "earliest", detail)) &&
 		(role != KB_CLIENT_PRODUCER ||
 		 (conf_set(conf, "message.timeout.ms", "0", detail) &&
 		  conf_set(conf, "queue.buffering.max.kbytes", "65536", detail))) &&
@@ -102,6 +104,17 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 	if (ok && role == KB_CLIENT_PRODUCER)
 		ok = conf_set(conf, "enable.idempotence", "true", detail) &&
 			conf_set(conf, "acks", "all", detail);
+
+	/*
+	 * The applier stores offsets in PostgreSQL with the rows and assigns
+	 * partitions itself; the group (named by client_id) only shows its
+	 * progress to Kafka's tools.  A partition whose stored offset has left
+	 * the log starts again at its beginning unless the user says otherwise.
+	 */
+	if (ok && role == KB_CLIENT_CONSUMER)
+		ok = conf_set(conf, "group.id", client_id, detail) &&
+			conf_set(conf, "enable.auto.commit", "false", detail) &&
+			conf_set(conf, "enable.auto.offset.store", "false", detail);
 	if (ok && kb_sasl_password && kb_sasl_password[0])
 		ok = conf_set(conf, "sasl.password", kb_sasl_password, detail);
 	if (ok && kb_ssl_key_password && kb_ssl_key_password[0])

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  * launcher.c
  *	  The kafka_bridge launcher: one background worker, connected to no
- *	  database, that keeps one worker running per database listed in
- *	  kafka_bridge.databases.
+ *	  database, that keeps two workers running per database listed in
+ *	  kafka_bridge.databases: a publisher and an applier.
  *
  * It starts the missing workers, restarts those that exit after
  * kafka_bridge.worker_restart_delay, stops those whose database left the
@@ -38,6 +38,7 @@ typedef struct LaunchedWorker
 {
 	bool		in_use;
 	char		dbname[NAMEDATALEN];
+	KbWorkerRole role;
 	int			slot;
 	BackgroundWorkerHandle *handle;
 	TimestampTz retry_at;		/* when no worker runs: next attempt */
@@ -100,8 +101,9 @@ start_worker(LaunchedWorker *lw)
 	worker.bgw_restart_time = BGW_NEVER_RESTART;
 	strlcpy(worker.bgw_library_name, KB_EXTENSION_NAME, BGW_MAXLEN);
 	strlcpy(worker.bgw_function_name, "kafka_bridge_worker_main", BGW_MAXLEN);
-	snprintf(worker.bgw_name, BGW_MAXLEN, "kafka_bridge worker for database %s", lw->dbname);
-	strlcpy(worker.bgw_type, "kafka_bridge worker", BGW_MAXLEN);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "kafka_bridge %s for database %s",
+			 kb_role_name(lw->role), lw->dbname);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "kafka_bridge %s", kb_role_name(lw->role));
 	/* the worker checks the generation, so a stale start cannot take a reused slot */
 	worker.bgw_main_arg = Int32GetDatum(lw->slot | (slot->generation << 8));
 	worker.bgw_notify_pid = MyProcPid;
@@ -117,7 +119,8 @@ start_worker(LaunchedWorker *lw)
 		kb_status_set_error(lw->slot, KB_STATE_STOPPED,
 							"no free background worker slot: raise max_worker_processes");
 		ereport(WARNING,
-				(errmsg("kafka_bridge could not start a worker for database \"%s\"", lw->dbname),
+				(errmsg("kafka_bridge could not start the %s for database \"%s\"",
+						kb_role_name(lw->role), lw->dbname),
 				 errhint("Raise max_worker_processes.")));
 		return;
 	}
@@ -138,10 +141,11 @@ stop_worker(LaunchedWorker *lw)
 }
 
 static LaunchedWorker *
-find_launched(const char *dbname)
+find_launched(const char *dbname, KbWorkerRole role)
 {
 	for (int i = 0; i < KB_MAX_WORKERS; i++)
-		if (launched[i].in_use && strcmp(launched[i].dbname, dbname) == 0)
+		if (launched[i].in_use && launched[i].role == role &&
+			strcmp(launched[i].dbname, dbname) == 0)
 			return &launched[i];
 	return NULL;
 }
@@ -169,16 +173,17 @@ reconcile(void)
 		if (!keep)
 		{
 			ereport(LOG,
-					(errmsg("kafka_bridge is stopping the worker for database \"%s\", no longer in kafka_bridge.databases",
-							launched[i].dbname)));
+					(errmsg("kafka_bridge is stopping the %s for database \"%s\", no longer in kafka_bridge.databases",
+							kb_role_name(launched[i].role), launched[i].dbname)));
 			stop_worker(&launched[i]);
 		}
 	}
 
-	foreach(lc, wanted)
+	for (int n = 0; n < list_length(wanted) * KB_NUM_ROLES; n++)
 	{
-		const char *dbname = lfirst(lc);
-		LaunchedWorker *lw = find_launched(dbname);
+		const char *dbname = list_nth(wanted, n / KB_NUM_ROLES);
+		KbWorkerRole role = (KbWorkerRole) (n % KB_NUM_ROLES);
+		LaunchedWorker *lw = find_launched(dbname, role);
 		pid_t		pid;
 
 		if (lw == NULL)
@@ -189,7 +194,8 @@ reconcile(void)
 			Assert(lw != NULL);
 			lw->in_use = true;
 			strlcpy(lw->dbname, dbname, NAMEDATALEN);
-			lw->slot = kb_status_claim(dbname);
+			lw->role = role;
+			lw->slot = kb_status_claim(dbname, role);
 			lw->retry_at = now;
 		}
 

@@ -46,6 +46,7 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
+#include "apply.h"
 #include "event_codec.h"
 
 /* Kafka's limit on topic names (Topic.MAX_NAME_LENGTH) */
@@ -207,8 +208,8 @@ kb_lookup_publication(Oid relid, KbPublication *pub)
 	return found;
 }
 
-static KbEventFormat
-parse_format(const char *name)
+KbEventFormat
+kb_parse_format(const char *name)
 {
 	if (strcmp(name, "envelope") == 0)
 		return KB_FORMAT_ENVELOPE;
@@ -219,6 +220,19 @@ parse_format(const char *name)
 			 errmsg("invalid event format \"%s\"", name),
 			 errhint("The accepted formats are \"envelope\" and \"flat\".")));
 	return KB_FORMAT_ENVELOPE;	/* keep the compiler quiet */
+}
+
+/* An event prefix is 1 to KB_EVENT_PREFIX_MAX_LEN bytes. */
+void
+kb_check_event_prefix(const char *prefix)
+{
+	if (prefix[0] == '\0' || strlen(prefix) > KB_EVENT_PREFIX_MAX_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid event prefix \"%s\"", prefix),
+				 errdetail("An event prefix has between 1 and %d bytes.",
+						   KB_EVENT_PREFIX_MAX_LEN),
+				 errhint("Events are named <prefix>-PUT, <prefix>-DELETE and <prefix>-TRUNCATE; the prefix defaults to the table name in upper case.")));
 }
 
 /*
@@ -256,7 +270,7 @@ kb_check_topic(const char *topic, bool is_default)
 			 errmsg("invalid Kafka topic name \"%s\"", topic),
 			 errdetail("%s", detail),
 			 is_default ?
-			 errhint("The topic defaults to the table's name; give another with the topic argument of kafka_bridge.publish().") : 0));
+			 errhint("The topic defaults to the table's name; give another with the topic argument.") : 0));
 }
 
 /*
@@ -265,8 +279,8 @@ kb_check_topic(const char *topic, bool is_default)
  * The check comes before the lock so that nobody can block a table they do
  * not own.
  */
-static Relation
-open_owned_table(Oid relid)
+Relation
+kb_open_owned_table(Oid relid)
 {
 	Relation	rel;
 	char		relkind = get_rel_relkind(relid);
@@ -430,11 +444,11 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("the table to publish must not be null")));
 	relid = PG_GETARG_OID(0);
-	format = parse_format(PG_ARGISNULL(3) ? "envelope" :
+	format = kb_parse_format(PG_ARGISNULL(3) ? "envelope" :
 						  text_to_cstring(PG_GETARG_TEXT_PP(3)));
 	tombstones = PG_ARGISNULL(4) ? true : PG_GETARG_BOOL(4);
 
-	rel = open_owned_table(relid);
+	rel = kb_open_owned_table(relid);
 	check_publishable(rel);
 	relname = RelationGetRelationName(rel);
 
@@ -444,13 +458,7 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 
 	prefix = PG_ARGISNULL(2) ? kb_default_event_prefix(relname) :
 		text_to_cstring(PG_GETARG_TEXT_PP(2));
-	if (prefix[0] == '\0' || strlen(prefix) > KB_EVENT_PREFIX_MAX_LEN)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("invalid event prefix \"%s\"", prefix),
-				 errdetail("An event prefix has between 1 and %d bytes.",
-						   KB_EVENT_PREFIX_MAX_LEN),
-				 errhint("Events are named <prefix>-PUT, <prefix>-DELETE and <prefix>-TRUNCATE; the prefix defaults to the table name in upper case.")));
+	kb_check_event_prefix(prefix);
 
 	if (format == KB_FORMAT_FLAT)
 	{
@@ -496,7 +504,7 @@ Datum
 kafka_bridge_unpublish(PG_FUNCTION_ARGS)
 {
 	Oid			relid = PG_GETARG_OID(0);
-	Relation	rel = open_owned_table(relid);
+	Relation	rel = kb_open_owned_table(relid);
 	Relation	catalog = open_publications_or_error(RowExclusiveLock);
 	ScanKeyData key;
 	SysScanDesc scan;
@@ -541,6 +549,7 @@ kafka_bridge_forget_dropped_tables(PG_FUNCTION_ARGS)
 	catalog = open_publications(RowExclusiveLock);
 	if (catalog == NULL)
 		PG_RETURN_NULL();
+	kb_forget_dropped_subscriptions();
 	scan = systable_beginscan(catalog, InvalidOid, false, NULL, 0, NULL);
 	while (HeapTupleIsValid(tuple = systable_getnext(scan)))
 	{

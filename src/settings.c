@@ -31,6 +31,8 @@ char	   *kb_consumer_options = NULL;
 char	   *kb_sasl_password = NULL;
 char	   *kb_ssl_key_password = NULL;
 int			kb_worker_restart_delay = 5;
+int			kb_max_event_size;
+int			kb_apply_batch_size;
 int			kb_probe_interval = 5;
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
@@ -249,9 +251,9 @@ check_databases(char **newval, void **extra, GucSource source)
 		GUC_check_errdetail("List syntax is invalid: give database names separated by commas.");
 		return false;
 	}
-	if (list_length(names) > KB_MAX_WORKERS)
+	if (list_length(names) > KB_MAX_DATABASES)
 	{
-		GUC_check_errdetail("At most %d databases can be listed.", KB_MAX_WORKERS);
+		GUC_check_errdetail("At most %d databases can be listed.", KB_MAX_DATABASES);
 		return false;
 	}
 	for (int i = 0; i < list_length(names); i++)
@@ -484,6 +486,20 @@ kb_define_settings(void)
 							NULL,
 							&kb_probe_interval, 5, 1, 3600,
 							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.max_event_size",
+							"Largest record the applier applies; a larger one goes to kafka_bridge.dead_letters.",
+							NULL,
+							&kb_max_event_size, 64 * 1024, 1, 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_KB,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.apply_batch_size",
+							"Most records the applier applies in one transaction.",
+							NULL,
+							&kb_apply_batch_size, 1000, 1, 100000,
+							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("kafka_bridge");

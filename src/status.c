@@ -3,8 +3,8 @@
  *	  The shared-memory status area (one slot per database worker) and the
  *	  function behind the kafka_bridge.status view.
  *
- * The launcher claims a slot for each database it starts a worker for; the
- * worker writes its state, brokers and errors there; counters are atomics so
+ * The launcher claims a slot for each worker it starts (a publisher and an
+ * applier per database); the worker writes its state, brokers and errors there; counters are atomics so
  * the publish and apply loops can bump them without taking the lock.
  *-------------------------------------------------------------------------
  */
@@ -68,27 +68,9 @@ kb_status_slot(int index)
 	return &kb_status->slots[index];
 }
 
-/* Slot of the database, or -1. */
+/* Take a free slot for a worker of the database (the launcher alone calls this). */
 int
-kb_status_find(const char *dbname)
-{
-	int			found = -1;
-
-	LWLockAcquire(kb_status->lock, LW_SHARED);
-	for (int i = 0; i < KB_MAX_WORKERS && found < 0; i++)
-	{
-		KbWorkerSlot *s = &kb_status->slots[i];
-
-		if (s->state != KB_STATE_FREE && strcmp(NameStr(s->dbname), dbname) == 0)
-			found = i;
-	}
-	LWLockRelease(kb_status->lock);
-	return found;
-}
-
-/* Take a free slot for the database (the launcher alone calls this). */
-int
-kb_status_claim(const char *dbname)
+kb_status_claim(const char *dbname, KbWorkerRole role)
 {
 	int			found = -1;
 
@@ -104,6 +86,7 @@ kb_status_claim(const char *dbname)
 			memset(s, 0, offsetof(KbWorkerSlot, events_published));
 			s->generation = generation;
 			namestrcpy(&s->dbname, dbname);
+			s->role = role;
 			s->state = KB_STATE_STARTING;
 			pg_atomic_write_u64(&s->events_published, 0);
 			pg_atomic_write_u64(&s->events_applied, 0);
@@ -191,12 +174,13 @@ kb_status_set_latch(int index, Oid dboid, Latch *latch)
 }
 
 /*
- * Called at the commit of every transaction that wrote: wake the worker of
- * the database so it publishes at once rather than at its next timeout.
- * Reads without the lock: the worst a stale read does is a spurious wake-up.
+ * Wake the database's worker of the given role: the publisher at the commit
+ * of every transaction that wrote, so it publishes at once rather than at
+ * its next timeout; the applier when its subscriptions change.  Reads
+ * without the lock: the worst a stale read does is a spurious wake-up.
  */
 void
-kb_status_wake_publishers(Oid dboid)
+kb_status_wake(Oid dboid, KbWorkerRole role)
 {
 	if (kb_status == NULL)
 		return;
@@ -205,7 +189,7 @@ kb_status_wake_publishers(Oid dboid)
 		KbWorkerSlot *s = &kb_status->slots[i];
 		Latch	   *latch = s->latch;
 
-		if (latch != NULL && s->dboid == dboid)
+		if (latch != NULL && s->dboid == dboid && s->role == role)
 			SetLatch(latch);
 	}
 }
@@ -229,8 +213,16 @@ kb_state_name(KbWorkerState state)
 			return "error";
 		case KB_STATE_STOPPED:
 			return "stopped";
+		case KB_STATE_IDLE:
+			return "idle";
 	}
 	return "unknown";
+}
+
+const char *
+kb_role_name(KbWorkerRole role)
+{
+	return role == KB_ROLE_APPLIER ? "applier" : "publisher";
 }
 
 /*
@@ -251,8 +243,8 @@ kafka_bridge_worker_status(PG_FUNCTION_ARGS)
 	{
 		KbWorkerSlot *s = &kb_status->slots[i];
 		KbWorkerSlot copy;
-		Datum		values[13];
-		bool		nulls[13] = {0};
+		Datum		values[14];
+		bool		nulls[14] = {0};
 		int			n = 0;
 
 		LWLockAcquire(kb_status->lock, LW_SHARED);
@@ -262,6 +254,7 @@ kafka_bridge_worker_status(PG_FUNCTION_ARGS)
 			continue;
 
 		values[n++] = CStringGetTextDatum(NameStr(copy.dbname));
+		values[n++] = CStringGetTextDatum(kb_role_name(copy.role));
 		values[n] = Int32GetDatum(copy.pid);
 		nulls[n++] = (copy.pid == 0);
 		values[n++] = CStringGetTextDatum(kb_state_name(copy.state));

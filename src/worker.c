@@ -1,12 +1,14 @@
 /*-------------------------------------------------------------------------
  * worker.c
- *	  The per-database kafka_bridge worker: its main loop, reload of the
- *	  settings, and the broker checks that feed kafka_bridge.status.
+ *	  The per-database kafka_bridge workers' entry point, and the
+ *	  publisher's main loop: reload of the settings, and the broker checks
+ *	  that feed kafka_bridge.status.
  *
- * Started by the launcher with the index of its status slot.  It keeps a
- * Kafka client built from the settings in force, rebuilds it when a reload
- * changes them, and reports what it does in its status slot and in
- * pg_stat_activity.
+ * The launcher starts two workers per database, each with the index of its
+ * status slot: the publisher (here, with publisher.c) and the applier
+ * (applier.c).  The publisher keeps a Kafka producer built from the
+ * settings in force, rebuilds it when a reload changes them, and reports
+ * what it does in its status slot and in pg_stat_activity.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -88,7 +90,7 @@ probe_brokers(KbKafkaClient *client, const char *dbname)
 		report(KB_STATE_CONNECTED, activity);
 		if (before != KB_STATE_CONNECTED)
 			ereport(LOG,
-					(errmsg("kafka_bridge worker for database \"%s\" connected to Kafka brokers %s",
+					(errmsg("kafka_bridge publisher for database \"%s\" connected to Kafka brokers %s",
 							dbname, brokers)));
 	}
 	else
@@ -99,7 +101,7 @@ probe_brokers(KbKafkaClient *client, const char *dbname)
 		report(KB_STATE_ERROR, activity);
 		if (before != KB_STATE_ERROR)
 			ereport(LOG,
-					(errmsg("kafka_bridge worker for database \"%s\" cannot reach Kafka", dbname),
+					(errmsg("kafka_bridge publisher for database \"%s\" cannot reach Kafka", dbname),
 					 errdetail("%s", error),
 					 errhint("Check kafka_bridge.bootstrap_servers and that the brokers are up; the worker keeps retrying.")));
 	}
@@ -170,7 +172,7 @@ check_and_probe(WorkerState *w)
 				kb_status_set_error(my_slot, KB_STATE_ERROR, "%s", detail);
 				report(KB_STATE_ERROR, "waiting for a usable Kafka configuration");
 				ereport(LOG,
-						(errmsg("kafka_bridge worker for database \"%s\" cannot create a Kafka client",
+						(errmsg("kafka_bridge publisher for database \"%s\" cannot create a Kafka client",
 								w->dbname),
 						 errdetail("%s", detail)));
 			}
@@ -210,7 +212,7 @@ publish_step(WorkerState *w)
 	kb_status_set_error(my_slot, KB_STATE_ERROR, "%s", error);
 	report(KB_STATE_ERROR, "publishing again from the confirmed position after an error");
 	ereport(LOG,
-			(errmsg("kafka_bridge worker for database \"%s\" restarts publishing in %d ms", w->dbname,
+			(errmsg("kafka_bridge publisher for database \"%s\" restarts publishing in %d ms", w->dbname,
 					w->backoff_ms),
 			 errdetail("%s", error),
 			 errhint("Records not acknowledged by the broker are published again from the slot's confirmed position.")));
@@ -250,7 +252,7 @@ worker_loop(const char *dbname)
 			if (strcmp(now_fp, fingerprint) != 0)
 			{
 				ereport(LOG,
-						(errmsg("kafka_bridge worker for database \"%s\" is reconnecting with the reloaded Kafka settings",
+						(errmsg("kafka_bridge publisher for database \"%s\" is reconnecting with the reloaded Kafka settings",
 								dbname)));
 				drop_kafka(&w);
 				w.next_probe = 0;
@@ -321,7 +323,10 @@ kafka_bridge_worker_main(Datum arg)
 
 	PG_TRY();
 	{
-		worker_loop(dbname);
+		if (slot->role == KB_ROLE_APPLIER)
+			kb_applier_loop(my_slot, dbname);
+		else
+			worker_loop(dbname);
 	}
 	PG_CATCH();
 	{

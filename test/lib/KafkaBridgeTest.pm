@@ -43,7 +43,7 @@ sub kafka_start
 	note "Kafka broker started again: $out";
 }
 
-# A node whose kafka_bridge worker serves database "postgres" and talks to
+# A node whose kafka_bridge workers serve database "postgres" and talks to
 # the real broker.  %opts: preload => 0 to leave shared_preload_libraries
 # unset; conf => extra postgresql.conf lines.
 sub kb_node
@@ -69,25 +69,29 @@ kafka_bridge.probe_interval = 1s
 	return $node;
 }
 
-# Row of kafka_bridge.status for a database, as a hash.
+# Row of kafka_bridge.status for a database's worker (by default its
+# publisher), as a hash.
 sub kb_status
 {
-	my ($node, $dbname) = @_;
+	my ($node, $dbname, $worker) = @_;
 	$dbname //= 'postgres';
+	$worker //= 'publisher';
 	my $row = $node->safe_psql('postgres',
 		"SELECT coalesce(pid, 0), state, coalesce(brokers, ''), coalesce(last_error, '') "
-		  . "FROM kafka_bridge.status WHERE database = '$dbname'");
+		  . "FROM kafka_bridge.status WHERE database = '$dbname' AND worker = '$worker'");
 	my ($pid, $state, $brokers, $error) = split /\|/, $row, 4;
 	return { pid => $pid, state => $state, brokers => $brokers, last_error => $error };
 }
 
-# Wait until the worker of a database reports a state; returns true if so.
+# Wait until a worker of a database (by default its publisher) reports a
+# state; returns true if so.
 sub kb_wait_state
 {
-	my ($node, $state, $dbname) = @_;
+	my ($node, $state, $dbname, $worker) = @_;
 	$dbname //= 'postgres';
+	$worker //= 'publisher';
 	return $node->poll_query_until('postgres',
-		"SELECT state = '$state' FROM kafka_bridge.status WHERE database = '$dbname'");
+		"SELECT state = '$state' FROM kafka_bridge.status WHERE database = '$dbname' AND worker = '$worker'");
 }
 
 # Every record of a topic, from the beginning, read with kcat from the real

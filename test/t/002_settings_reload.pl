@@ -96,13 +96,13 @@ $node->safe_psql('regress_kb_second', 'CREATE EXTENSION kafka_bridge');
 $node->append_conf('postgresql.conf', "kafka_bridge.databases = 'postgres, regress_kb_second' # step4\n");
 $node->reload;
 ok(kb_wait_state($node, 'connected', 'regress_kb_second'), 'a database added on reload gets a worker');
-is($node->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'kafka_bridge worker'"),
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'kafka_bridge publisher'"),
 	'2', 'one worker per database');
 drop_conf_lines(qr/# step4/);
 $node->reload;
 ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM kafka_bridge.status WHERE database = 'regress_kb_second'"),
 	'a database removed on reload loses its worker');
-ok($node->poll_query_until('postgres', "SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'kafka_bridge worker'"),
+ok($node->poll_query_until('postgres', "SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'kafka_bridge publisher'"),
 	'its worker process is gone');
 
 $node->stop;

@@ -40,7 +40,7 @@ while (time - $stopped_at < 30)
 {
 	write_batch();
 	my ($state, $lag) = split /\|/, $node->safe_psql('postgres',
-		'SELECT state, publish_lag_bytes FROM kafka_bridge.status');
+		'SELECT state, publish_lag_bytes FROM kafka_bridge.status WHERE worker = \'publisher\'');
 	$saw_error ||= ($state eq 'error');
 	$max_lag = $lag if $lag > $max_lag;
 	usleep(100_000);

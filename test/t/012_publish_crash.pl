@@ -32,7 +32,7 @@ $writer->query_until(qr/start/, q{
 	\echo start
 	CALL fill(100000);
 });
-ok($node->poll_query_until('postgres', 'SELECT events_published > 20000 FROM kafka_bridge.status'),
+ok($node->poll_query_until('postgres', "SELECT events_published > 20000 FROM kafka_bridge.status WHERE worker = 'publisher'"),
 	'publishing is under way');
 $node->kill9;
 eval { $writer->quit };

@@ -18,7 +18,7 @@ my $node = kb_node('lifecycle', conf => "wal_level = replica\nkafka_bridge.boots
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION kafka_bridge');
 ok( $node->poll_query_until('postgres',
-		"SELECT last_error LIKE '%kafka_bridge needs wal_level = logical%' FROM kafka_bridge.status"),
+		"SELECT last_error LIKE '%kafka_bridge needs wal_level = logical%' FROM kafka_bridge.status WHERE worker = 'publisher'"),
 	'without wal_level = logical the status says what to change');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_replication_slots'), '0',
 	'and no slot is created');

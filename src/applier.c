@@ -1,0 +1,1052 @@
+/*-------------------------------------------------------------------------
+ * applier.c
+ *	  The applier worker: consumes the subscribed topics and applies their
+ *	  events to the tables, storing in PostgreSQL, in the same transaction,
+ *	  how far it got in each partition.
+ *
+ * Exactly-once effect.  The consumer assigns itself every partition of the
+ * subscribed topics, starting at the offsets kafka_bridge.apply_progress
+ * holds, and each batch of records commits its rows together with the next
+ * offsets: a crash anywhere means starting again from the last commit,
+ * with nothing applied twice and nothing skipped.  Kafka's consumer group
+ * (kafka_bridge.<instance_id>.<database>) gets the offsets afterwards, only
+ * so that Kafka's tools show the progress.
+ *
+ * Replays.  The publisher delivers at least once: after a crash or an
+ * outage it sends again records the broker had, at new offsets.  Every
+ * record carries its origin instance, the LSN of its transaction's commit
+ * and its number in that transaction; kafka_bridge.apply_origins keeps the
+ * last one applied per partition and origin, and anything at or before it
+ * is skipped.
+ *
+ * No echo.  The applier's transactions run under a replication origin,
+ * which the output plugin filters out, so applied rows are never published
+ * again; records whose origin is this instance are skipped.
+ *
+ * Bad records.  A batch is first applied in one go.  If PostgreSQL refuses
+ * something, the batch is applied again record by record, each in a
+ * subtransaction, and a record that fails goes to kafka_bridge.dead_letters
+ * with the reason while the others are applied.  Errors that are no
+ * record's fault (deadlock, lack of resources, shutdown) instead roll the
+ * batch back and retry it after a pause.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "replication/origin.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/pmsignal.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/json.h"
+#include "utils/memutils.h"
+#include "utils/pg_lsn.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "apply.h"
+#include "kafka_bridge.h"
+
+/* how long one batch may gather records */
+#define KB_BATCH_MS 20
+/* longest wait for a record, so the loop still sees signals and reloads */
+#define KB_POLL_MS 100
+/* metadata (partitions of the subscribed topics) refresh */
+#define KB_METADATA_MS 5000
+#define KB_METADATA_TIMEOUT_MS 2000
+
+/* The last record applied from one origin in one partition. */
+typedef struct OriginMark
+{
+	char	   *origin;
+	XLogRecPtr	lsn;			/* committed */
+	uint32		seq;
+	XLogRecPtr	new_lsn;		/* in the batch being applied */
+	uint32		new_seq;
+} OriginMark;
+
+typedef struct TopicPartition
+{
+	char		topic[256];
+	int32		partition;
+} TopicPartition;
+
+typedef struct PartitionProgress
+{
+	TopicPartition key;			/* hash key */
+	KbSubscription *sub;
+	int64		next_offset;	/* committed; -1 when none stored yet */
+	int64		high;			/* end of the partition, last seen */
+	List	   *origins;		/* OriginMark */
+	/* the batch being applied */
+	bool		touched;
+	int64		new_next;
+	int64		consumed;
+	int64		applied;
+	int64		skipped;
+	int64		dead;
+	char	   *last_error;
+} PartitionProgress;
+
+typedef struct Applier
+{
+	int			slot;
+	const char *dbname;
+	char	   *group_id;
+	KbKafkaClient *client;
+	bool		have_extension;
+	MemoryContext subs_cxt;		/* subscriptions and partition states */
+	List	   *subs;			/* KbSubscription */
+	char	   *subs_signature;
+	HTAB	   *partitions;
+	int			npartitions;
+	bool		reassign;		/* the assignment must be (re)made */
+	TimestampTz next_check;
+	TimestampTz next_metadata;
+	TimestampTz retry_at;
+	int			backoff_ms;
+	RepOriginId origin;
+	MemoryContext record_cxt;	/* reset after each record */
+} Applier;
+
+static Applier ap;
+
+static void
+report(KbWorkerState state, const char *activity)
+{
+	kb_status_set(ap.slot, state, activity);
+	pgstat_report_activity(STATE_IDLE, activity);
+}
+
+static void
+begin_work(const char *what)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	pgstat_report_activity(STATE_RUNNING, what);
+}
+
+static void
+end_work(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* Forget the partitions; they are loaded again from the tables. */
+static void
+forget_partitions(void)
+{
+	if (ap.partitions)
+		hash_destroy(ap.partitions);
+	ap.partitions = NULL;
+	ap.npartitions = 0;
+	ap.reassign = true;
+	ap.next_metadata = 0;
+}
+
+static void
+drop_consumer(void)
+{
+	if (ap.client)
+	{
+		rd_kafka_t *rk = kb_kafka_client_handle(ap.client);
+
+		rd_kafka_assign(rk, NULL);
+		rd_kafka_consumer_close(rk);
+		kb_kafka_client_destroy(ap.client);
+	}
+	ap.client = NULL;
+	forget_partitions();
+}
+
+/*
+ * Read the subscriptions; when they changed, start over with a new
+ * assignment.  Also makes sure the replication origin exists.
+ */
+static void
+check_subscriptions(void)
+{
+	List	   *subs = NIL;
+	StringInfoData sig;
+	ListCell   *lc;
+	MemoryContext cxt = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	pgstat_report_activity(STATE_RUNNING, "reading kafka_bridge.subscriptions");
+	ap.have_extension = OidIsValid(get_extension_oid(KB_EXTENSION_NAME, true));
+	if (ap.have_extension)
+	{
+		PushActiveSnapshot(GetTransactionSnapshot());
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		MemoryContextSwitchTo(cxt);
+		subs = kb_load_subscriptions();
+		SPI_finish();
+		PopActiveSnapshot();
+		if (ap.origin == InvalidRepOriginId)
+		{
+			char		name[NAMEDATALEN];
+
+			snprintf(name, sizeof(name), "kafka_bridge_%u", MyDatabaseId);
+			ap.origin = replorigin_by_name(name, true);
+			if (ap.origin == InvalidRepOriginId)
+				ap.origin = replorigin_create(name);
+		}
+	}
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	if (ap.origin != InvalidRepOriginId && replorigin_session_origin == InvalidRepOriginId)
+	{
+		replorigin_session_setup(ap.origin);
+		replorigin_session_origin = ap.origin;
+	}
+
+	initStringInfo(&sig);
+	foreach(lc, subs)
+	{
+		KbSubscription *s = lfirst(lc);
+
+		appendStringInfo(&sig, "%u|%s|%d|%s|%u;", s->relid, s->topic, (int) s->format,
+						 s->event_prefix, s->apply_role);
+	}
+	if (ap.subs_signature && strcmp(sig.data, ap.subs_signature) == 0)
+		return;
+
+	/* changed: keep the new list, and rebuild everything that hangs on it */
+	drop_consumer();
+	kb_apply_reset();
+	MemoryContextReset(ap.subs_cxt);
+	ap.subs = NIL;
+	MemoryContextSwitchTo(ap.subs_cxt);
+	foreach(lc, subs)
+	{
+		KbSubscription *s = lfirst(lc);
+		KbSubscription *copy = palloc(sizeof(KbSubscription));
+
+		*copy = *s;
+		copy->topic = pstrdup(s->topic);
+		copy->event_prefix = pstrdup(s->event_prefix);
+		ap.subs = lappend(ap.subs, copy);
+	}
+	ap.subs_signature = pstrdup(sig.data);
+	MemoryContextSwitchTo(cxt);
+	if (ap.subs != NIL)
+		ereport(LOG,
+				(errmsg("kafka_bridge applier for database \"%s\" applies %d subscribed topics",
+						ap.dbname, list_length(ap.subs))));
+}
+
+/* Load a partition's stored offset and origin marks (SPI connected). */
+static void
+load_partition(PartitionProgress *ps)
+{
+	Oid			types[2] = {TEXTOID, INT4OID};
+	Datum		values[2];
+	MemoryContext old;
+
+	values[0] = CStringGetTextDatum(ps->key.topic);
+	values[1] = Int32GetDatum(ps->key.partition);
+	ps->next_offset = -1;
+	if (SPI_execute_with_args("SELECT next_offset, high_watermark FROM kafka_bridge.apply_progress "
+							  "WHERE topic = $1 AND partition = $2",
+							  2, types, values, NULL, true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		bool		isnull;
+
+		ps->next_offset = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		ps->high = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	}
+	if (SPI_execute_with_args("SELECT origin, lsn, seq FROM kafka_bridge.apply_origins "
+							  "WHERE topic = $1 AND partition = $2",
+							  2, types, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading kafka_bridge.apply_origins failed");
+	old = MemoryContextSwitchTo(ap.subs_cxt);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		OriginMark *m = palloc0(sizeof(OriginMark));
+		bool		isnull;
+
+		m->origin = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		m->lsn = DatumGetLSN(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull));
+		m->seq = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3, &isnull));
+		ps->origins = lappend(ps->origins, m);
+	}
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Find the partitions of every subscribed topic; assign them all to the
+ * consumer, each at its stored offset, when the set changed.  Returns
+ * false with *error when the brokers did not answer.
+ */
+static bool
+refresh_assignment(char *error, size_t error_size, char *waiting, size_t waiting_size)
+{
+	rd_kafka_t *rk = kb_kafka_client_handle(ap.client);
+	ListCell   *lc;
+	List	   *found = NIL;	/* TopicPartition */
+	rd_kafka_topic_partition_list_t *list;
+
+	waiting[0] = '\0';
+	pgstat_report_activity(STATE_RUNNING, "reading the partitions of the subscribed topics");
+	foreach(lc, ap.subs)
+	{
+		KbSubscription *s = lfirst(lc);
+		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, s->topic, NULL);
+		const struct rd_kafka_metadata *md = NULL;
+		rd_kafka_resp_err_t err;
+
+		err = rd_kafka_metadata(rk, 0, rkt, &md, KB_METADATA_TIMEOUT_MS);
+		rd_kafka_topic_destroy(rkt);
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			const char *last = kb_kafka_client_last_error(ap.client);
+
+			snprintf(error, error_size, "cannot read the partitions of topic \"%s\" at \"%s\": %s%s%s",
+					 s->topic, kb_bootstrap_servers, rd_kafka_err2str(err),
+					 last[0] ? ": " : "", last);
+			return false;
+		}
+		if (md->topic_cnt != 1 || md->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR ||
+			md->topics[0].partition_cnt == 0)
+		{
+			if (waiting[0] == '\0')
+				snprintf(waiting, waiting_size, "waiting for topic \"%s\" to exist", s->topic);
+		}
+		else
+		{
+			for (int p = 0; p < md->topics[0].partition_cnt; p++)
+			{
+				TopicPartition *k = palloc0(sizeof(TopicPartition));
+
+				strlcpy(k->topic, s->topic, sizeof(k->topic));
+				k->partition = md->topics[0].partitions[p].id;
+				found = lappend(found, k);
+			}
+		}
+		rd_kafka_metadata_destroy(md);
+	}
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	if (ap.partitions == NULL)
+	{
+		HASHCTL		ctl = {0};
+
+		ctl.keysize = sizeof(TopicPartition);
+		ctl.entrysize = sizeof(PartitionProgress);
+		ctl.hcxt = ap.subs_cxt;
+		ap.partitions = hash_create("kafka_bridge partitions", 64, &ctl,
+									HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+
+	/* new partitions: read where we stand in them */
+	foreach(lc, found)
+	{
+		TopicPartition *k = lfirst(lc);
+		ListCell   *sc;
+		bool		exists;
+		PartitionProgress *ps = hash_search(ap.partitions, k, HASH_ENTER, &exists);
+
+		if (exists)
+			continue;
+		memset(((char *) ps) + sizeof(TopicPartition), 0, sizeof(PartitionProgress) - sizeof(TopicPartition));
+		foreach(sc, ap.subs)
+			if (strcmp(((KbSubscription *) lfirst(sc))->topic, k->topic) == 0)
+				ps->sub = lfirst(sc);
+		begin_work("reading where the applier stands in the subscribed topics");
+		load_partition(ps);
+		end_work();
+		ap.npartitions++;
+		ap.reassign = true;
+	}
+	if (!ap.reassign)
+		return true;
+
+	list = rd_kafka_topic_partition_list_new(Max(ap.npartitions, 1));
+	{
+		HASH_SEQ_STATUS status;
+		PartitionProgress *ps;
+
+		hash_seq_init(&status, ap.partitions);
+		while ((ps = hash_seq_search(&status)) != NULL)
+			rd_kafka_topic_partition_list_add(list, ps->key.topic, ps->key.partition)->offset =
+				ps->next_offset >= 0 ? ps->next_offset : RD_KAFKA_OFFSET_BEGINNING;
+	}
+	rd_kafka_assign(rk, list);
+	rd_kafka_topic_partition_list_destroy(list);
+	ap.reassign = false;
+	return true;
+}
+
+/* ---- One batch ---- */
+
+static char *
+header_text(rd_kafka_headers_t *hdrs, const char *name)
+{
+	const void *value;
+	size_t		size;
+
+	if (hdrs == NULL || rd_kafka_header_get_last(hdrs, name, &value, &size) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+		value == NULL)
+		return NULL;
+	return pnstrdup(value, size);
+}
+
+/* The record's headers as a JSON object (binary values as \x hex). */
+static char *
+headers_json(rd_kafka_message_t *msg)
+{
+	rd_kafka_headers_t *hdrs = NULL;
+	StringInfoData buf;
+	const char *name;
+	const void *value;
+	size_t		size;
+
+	if (rd_kafka_message_headers(msg, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR || hdrs == NULL)
+		return NULL;
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &value, &size) == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
+	{
+		char	   *text;
+
+		if (i > 0)
+			appendStringInfoChar(&buf, ',');
+		escape_json(&buf, name);
+		appendStringInfoChar(&buf, ':');
+		if (value == NULL)
+		{
+			appendStringInfoString(&buf, "null");
+			continue;
+		}
+		if (pg_verifymbstr(value, size, true) && memchr(value, '\0', size) == NULL)
+			text = pnstrdup(value, size);
+		else
+		{
+			text = palloc(2 * size + 3);
+			strcpy(text, "\\x");
+			hex_encode(value, size, text + 2);
+			text[2 * size + 2] = '\0';
+		}
+		escape_json(&buf, text);
+	}
+	appendStringInfoChar(&buf, '}');
+	return buf.data;
+}
+
+static void
+store_dead_letter(PartitionProgress *ps, rd_kafka_message_t *msg, const char *reason)
+{
+	Oid			types[8] = {OIDOID, TEXTOID, INT4OID, INT8OID, BYTEAOID, BYTEAOID, TEXTOID, TEXTOID};
+	Datum		values[8];
+	char		nulls[8] = "        ";
+	char	   *headers = headers_json(msg);
+
+	values[0] = ObjectIdGetDatum(ps->sub->relid);
+	values[1] = CStringGetTextDatum(ps->key.topic);
+	values[2] = Int32GetDatum(msg->partition);
+	values[3] = Int64GetDatum(msg->offset);
+	if (msg->key)
+	{
+		bytea	   *b = palloc(VARHDRSZ + msg->key_len);
+
+		SET_VARSIZE(b, VARHDRSZ + msg->key_len);
+		memcpy(VARDATA(b), msg->key, msg->key_len);
+		values[4] = PointerGetDatum(b);
+	}
+	else
+		nulls[4] = 'n';
+	if (msg->payload)
+	{
+		bytea	   *b = palloc(VARHDRSZ + msg->len);
+
+		SET_VARSIZE(b, VARHDRSZ + msg->len);
+		memcpy(VARDATA(b), msg->payload, msg->len);
+		values[5] = PointerGetDatum(b);
+	}
+	else
+		nulls[5] = 'n';
+	if (headers)
+		values[6] = CStringGetTextDatum(headers);
+	else
+		nulls[6] = 'n';
+	values[7] = CStringGetTextDatum(reason);
+
+	if (SPI_execute_with_args("INSERT INTO kafka_bridge.dead_letters "
+							  "(table_name, topic, partition, \"offset\", key, value, headers, reason) "
+							  "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.jsonb, $8)",
+							  8, types, values, nulls, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not insert into kafka_bridge.dead_letters");
+	ps->dead++;
+	if (ps->last_error)
+		pfree(ps->last_error);
+	ps->last_error = MemoryContextStrdup(ap.subs_cxt, reason);
+}
+
+/* Write the progress of the touched partitions (same transaction as the rows). */
+static void
+store_progress(void)
+{
+	HASH_SEQ_STATUS status;
+	PartitionProgress *ps;
+
+	hash_seq_init(&status, ap.partitions);
+	while ((ps = hash_seq_search(&status)) != NULL)
+	{
+		Oid			types[9] = {TEXTOID, INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, TEXTOID};
+		Datum		values[9];
+		char		nulls[9] = "         ";
+		ListCell   *lc;
+
+		if (!ps->touched)
+			continue;
+		values[0] = CStringGetTextDatum(ps->key.topic);
+		values[1] = Int32GetDatum(ps->key.partition);
+		values[2] = Int64GetDatum(ps->new_next);
+		values[3] = Int64GetDatum(Max(ps->high, ps->new_next));
+		values[4] = Int64GetDatum(ps->consumed);
+		values[5] = Int64GetDatum(ps->applied);
+		values[6] = Int64GetDatum(ps->skipped);
+		values[7] = Int64GetDatum(ps->dead);
+		if (ps->last_error)
+			values[8] = CStringGetTextDatum(ps->last_error);
+		else
+			nulls[8] = 'n';
+		if (SPI_execute_with_args("INSERT INTO kafka_bridge.apply_progress AS p "
+								  "(topic, partition, next_offset, high_watermark, consumed, applied, skipped, dead_letters, last_error, last_error_at) "
+								  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $9 IS NOT NULL THEN pg_catalog.now() END) "
+								  "ON CONFLICT (topic, partition) DO UPDATE SET "
+								  "next_offset = excluded.next_offset, high_watermark = excluded.high_watermark, "
+								  "consumed = p.consumed OPERATOR(pg_catalog.+) excluded.consumed, "
+								  "applied = p.applied OPERATOR(pg_catalog.+) excluded.applied, "
+								  "skipped = p.skipped OPERATOR(pg_catalog.+) excluded.skipped, "
+								  "dead_letters = p.dead_letters OPERATOR(pg_catalog.+) excluded.dead_letters, "
+								  "last_error = coalesce(excluded.last_error, p.last_error), "
+								  "last_error_at = coalesce(excluded.last_error_at, p.last_error_at), "
+								  "updated_at = pg_catalog.now()",
+								  9, types, values, nulls, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "could not write kafka_bridge.apply_progress");
+
+		foreach(lc, ps->origins)
+		{
+			OriginMark *m = lfirst(lc);
+			Oid			otypes[5] = {TEXTOID, INT4OID, TEXTOID, PG_LSNOID, INT4OID};
+			Datum		ovalues[5];
+
+			if (m->new_lsn == m->lsn && m->new_seq == m->seq)
+				continue;
+			ovalues[0] = values[0];
+			ovalues[1] = values[1];
+			ovalues[2] = CStringGetTextDatum(m->origin);
+			ovalues[3] = LSNGetDatum(m->new_lsn);
+			ovalues[4] = Int32GetDatum((int32) m->new_seq);
+			if (SPI_execute_with_args("INSERT INTO kafka_bridge.apply_origins (topic, partition, origin, lsn, seq) "
+									  "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (topic, partition, origin) "
+									  "DO UPDATE SET lsn = excluded.lsn, seq = excluded.seq",
+									  5, otypes, ovalues, NULL, false, 0) != SPI_OK_INSERT)
+				elog(ERROR, "could not write kafka_bridge.apply_origins");
+		}
+	}
+}
+
+/* Start a batch: nothing touched, marks as committed. */
+static void
+batch_reset(void)
+{
+	HASH_SEQ_STATUS status;
+	PartitionProgress *ps;
+
+	hash_seq_init(&status, ap.partitions);
+	while ((ps = hash_seq_search(&status)) != NULL)
+	{
+		ListCell   *lc;
+
+		ps->touched = false;
+		ps->new_next = ps->next_offset;
+		ps->consumed = ps->applied = ps->skipped = ps->dead = 0;
+		if (ps->last_error)
+			pfree(ps->last_error);
+		ps->last_error = NULL;
+		foreach(lc, ps->origins)
+		{
+			OriginMark *m = lfirst(lc);
+
+			m->new_lsn = m->lsn;
+			m->new_seq = m->seq;
+		}
+	}
+}
+
+/* The batch committed: its marks and offsets are the stored ones now. */
+static int64
+batch_done(rd_kafka_topic_partition_list_t *commit)
+{
+	HASH_SEQ_STATUS status;
+	PartitionProgress *ps;
+	int64		applied = 0;
+
+	hash_seq_init(&status, ap.partitions);
+	while ((ps = hash_seq_search(&status)) != NULL)
+	{
+		ListCell   *lc;
+
+		if (!ps->touched)
+			continue;
+		ps->next_offset = ps->new_next;
+		applied += ps->applied;
+		foreach(lc, ps->origins)
+		{
+			OriginMark *m = lfirst(lc);
+
+			m->lsn = m->new_lsn;
+			m->seq = m->new_seq;
+		}
+		rd_kafka_topic_partition_list_add(commit, ps->key.topic, ps->key.partition)->offset =
+			ps->next_offset;
+	}
+	return applied;
+}
+
+/*
+ * Whether the record was applied before (a replay of the publisher), by
+ * its origin's mark in the partition; else advance the mark past it.
+ */
+static bool
+seen_before(PartitionProgress *ps, KbRecord *rec)
+{
+	ListCell   *lc;
+	OriginMark *m = NULL;
+
+	if (rec->origin == NULL || rec->lsn == InvalidXLogRecPtr)
+		return false;
+	foreach(lc, ps->origins)
+		if (strcmp(((OriginMark *) lfirst(lc))->origin, rec->origin) == 0)
+			m = lfirst(lc);
+	if (m == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(ap.subs_cxt);
+
+		m = palloc0(sizeof(OriginMark));
+		m->origin = pstrdup(rec->origin);
+		ps->origins = lappend(ps->origins, m);
+		MemoryContextSwitchTo(old);
+	}
+	if (rec->lsn < m->new_lsn || (rec->lsn == m->new_lsn && rec->seq <= m->new_seq))
+		return true;
+	m->new_lsn = rec->lsn;
+	m->new_seq = rec->seq;
+	return false;
+}
+
+/* Errors no record is to blame for: retry the batch later. */
+static bool
+is_transient(int sqlerrcode)
+{
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
+	{
+		case ERRCODE_TO_CATEGORY(ERRCODE_TRANSACTION_ROLLBACK):	/* deadlock, serialization */
+		case ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES):
+		case ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION):
+		case ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR):
+		case ERRCODE_TO_CATEGORY(ERRCODE_INTERNAL_ERROR):
+		case ERRCODE_TO_CATEGORY(ERRCODE_CONNECTION_EXCEPTION):
+			return true;
+	}
+	return sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE ||
+		sqlerrcode == ERRCODE_OBJECT_IN_USE;
+}
+
+/* Apply one record; careful: in a subtransaction, failures become dead letters. */
+static void
+apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
+{
+	KbRecord	rec = {0};
+	rd_kafka_headers_t *hdrs = NULL;
+	char	   *text;
+	char	   *reason = NULL;
+	KbApplyOutcome outcome;
+	MemoryContext cxt = CurrentMemoryContext;
+	Oid			save_userid;
+	int			save_sec;
+
+	ps->touched = true;
+	ps->consumed++;
+	ps->new_next = msg->offset + 1;
+
+	rec.msg = msg;
+	if (rd_kafka_message_headers(msg, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		uint32		hi,
+					lo;
+
+		rec.origin = header_text(hdrs, KB_HEADER_ORIGIN);
+		text = header_text(hdrs, KB_HEADER_LSN);
+		if (text && sscanf(text, "%X/%X", &hi, &lo) == 2)
+			rec.lsn = ((uint64) hi << 32) | lo;
+		text = header_text(hdrs, KB_HEADER_SEQ);
+		if (text)
+			rec.seq = (uint32) strtoul(text, NULL, 10);
+	}
+
+	if (msg->payload != NULL && (rec.origin == NULL || strcmp(rec.origin, kb_instance_id()) != 0) &&
+		seen_before(ps, &rec))
+	{
+		ps->skipped++;
+		return;
+	}
+	if ((size_t) msg->len + msg->key_len > (size_t) kb_max_event_size * 1024)
+	{
+		store_dead_letter(ps, msg,
+						  psprintf("the record has %zu bytes, more than kafka_bridge.max_event_size (%d kB): raise the setting to apply it",
+								   msg->len + msg->key_len, kb_max_event_size));
+		return;
+	}
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	if (!careful)
+	{
+		/* an error here rolls the whole batch back, and the user with it */
+		SetUserIdAndSecContext(ps->sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+		outcome = kb_apply_record(ps->sub, &rec, &reason);
+		SetUserIdAndSecContext(save_userid, save_sec);
+	}
+	else
+	{
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(cxt);
+		PG_TRY();
+		{
+			SetUserIdAndSecContext(ps->sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+			outcome = kb_apply_record(ps->sub, &rec, &reason);
+			SetUserIdAndSecContext(save_userid, save_sec);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+			const char *column = kb_apply_current_column();
+
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			if (is_transient(edata->sqlerrcode))
+				PG_RE_THROW();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			outcome = KB_APPLY_REJECTED;
+			reason = column ? psprintf("column \"%s\": %s", column, edata->message)
+				: pstrdup(edata->message);
+			if (edata->detail)
+				reason = psprintf("%s (%s)", reason, edata->detail);
+		}
+		PG_END_TRY();
+	}
+
+	if (outcome == KB_APPLY_APPLIED)
+		ps->applied++;
+	else if (outcome == KB_APPLY_SKIPPED)
+		ps->skipped++;
+	else
+		store_dead_letter(ps, msg, reason);
+}
+
+/*
+ * Apply a batch in one transaction.  Returns false (the transaction rolled
+ * back) when PostgreSQL raised an error; *edata then says which.
+ */
+static bool
+apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	batch_reset();
+	PG_TRY();
+	{
+		MemoryContext spi_cxt;
+
+		begin_work(careful ? "applying records one by one after an error" : "applying records");
+		spi_cxt = CurrentMemoryContext;
+		for (int i = 0; i < n; i++)
+		{
+			TopicPartition key = {0};
+			PartitionProgress *ps;
+
+			strlcpy(key.topic, rd_kafka_topic_name(msgs[i]->rkt), sizeof(key.topic));
+			key.partition = msgs[i]->partition;
+			ps = hash_search(ap.partitions, &key, HASH_FIND, NULL);
+			if (ps == NULL || ps->sub == NULL || msgs[i]->offset < ps->new_next)
+				continue;		/* not ours, or fetched twice */
+			MemoryContextSwitchTo(ap.record_cxt);
+			apply_one(ps, msgs[i], careful);
+			MemoryContextSwitchTo(spi_cxt);
+			MemoryContextReset(ap.record_cxt);
+		}
+		store_progress();
+		end_work();
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		*edata = CopyErrorData();
+		AbortOutOfAnyTransaction();
+		FlushErrorState();
+		RESUME_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/* Consumer lag over every partition, for kafka_bridge.status. */
+static void
+update_lag(rd_kafka_t *rk)
+{
+	HASH_SEQ_STATUS status;
+	PartitionProgress *ps;
+	uint64		lag = 0;
+
+	hash_seq_init(&status, ap.partitions);
+	while ((ps = hash_seq_search(&status)) != NULL)
+	{
+		int64		low,
+					high;
+
+		if (rd_kafka_get_watermark_offsets(rk, ps->key.topic, ps->key.partition,
+										   &low, &high) == RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+			ps->high = high;
+		if (ps->high > Max(ps->next_offset, 0))
+			lag += ps->high - Max(ps->next_offset, 0);
+	}
+	pg_atomic_write_u64(&kb_status_slot(ap.slot)->consumer_lag, lag);
+}
+
+/*
+ * Gather a batch of records and apply it.  Returns how many records it
+ * consumed (0: none came within the poll time).
+ */
+static int
+consume_batch(void)
+{
+	rd_kafka_t *rk = kb_kafka_client_handle(ap.client);
+	int			max = kb_apply_batch_size;
+	rd_kafka_message_t **msgs = palloc(sizeof(rd_kafka_message_t *) * max);
+	int			n = 0;
+	TimestampTz deadline = 0;
+	ErrorData  *edata = NULL;
+	bool		ok;
+
+	while (n < max)
+	{
+		rd_kafka_message_t *msg = rd_kafka_consumer_poll(rk, n == 0 ? KB_POLL_MS : 0);
+
+		if (msg == NULL)
+		{
+			if (n == 0 || GetCurrentTimestamp() >= deadline)
+				break;
+			/* more may be on their way: wait a little, within the batch time */
+			msg = rd_kafka_consumer_poll(rk, 1);
+			if (msg == NULL)
+				continue;
+		}
+		if (msg->err)
+		{
+			if (msg->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+			{
+				kb_status_set_error(ap.slot, KB_STATE_ERROR, "consuming %s [%d]: %s",
+									msg->rkt ? rd_kafka_topic_name(msg->rkt) : "?",
+									msg->partition, rd_kafka_message_errstr(msg));
+				/* the topic may have gone or come: look again */
+				ap.next_metadata = 0;
+			}
+			rd_kafka_message_destroy(msg);
+			if (n == 0)
+				break;
+			continue;
+		}
+		if (n == 0)
+			deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_BATCH_MS);
+		msgs[n++] = msg;
+	}
+	if (n == 0)
+		return 0;
+
+	ok = apply_batch(msgs, n, false, &edata);
+	if (!ok && !is_transient(edata->sqlerrcode))
+	{
+		/* some record is refused: again one by one, the bad ones set aside */
+		ok = apply_batch(msgs, n, true, &edata);
+	}
+	if (ok)
+	{
+		rd_kafka_topic_partition_list_t *commit = rd_kafka_topic_partition_list_new(8);
+		int64		applied = batch_done(commit);
+
+		pg_atomic_add_fetch_u64(&kb_status_slot(ap.slot)->events_applied, applied);
+		if (commit->cnt > 0)
+			(void) rd_kafka_commit(rk, commit, 1);
+		rd_kafka_topic_partition_list_destroy(commit);
+		update_lag(rk);
+		ap.backoff_ms = 0;
+		if (kb_status_slot(ap.slot)->state != KB_STATE_CONNECTED)
+			report(KB_STATE_CONNECTED, "applying records");
+	}
+	else
+	{
+		/* start again from the stored offsets after a pause */
+		ap.backoff_ms = Min(Max(ap.backoff_ms * 2, 1000), 30000);
+		kb_status_set_error(ap.slot, KB_STATE_ERROR, "%s", edata->message);
+		report(KB_STATE_ERROR, "applying again from the stored offsets after an error");
+		ereport(LOG,
+				(errmsg("kafka_bridge applier for database \"%s\" retries a batch of %d records in %d ms",
+						ap.dbname, n, ap.backoff_ms),
+				 errdetail("%s", edata->message)));
+		forget_partitions();
+		ap.retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ap.backoff_ms);
+	}
+	for (int i = 0; i < n; i++)
+		rd_kafka_message_destroy(msgs[i]);
+	return n;
+}
+
+void
+kb_applier_loop(int status_slot, const char *dbname)
+{
+	char	   *fingerprint = kb_kafka_settings_fingerprint();
+	MemoryContext loop_cxt = AllocSetContextCreate(TopMemoryContext,
+												   "kafka_bridge applier loop",
+												   ALLOCSET_DEFAULT_SIZES);
+
+	memset(&ap, 0, sizeof(ap));
+	ap.slot = status_slot;
+	ap.dbname = dbname;
+	ap.group_id = psprintf("kafka_bridge.%s.%s", kb_instance_id(), dbname);
+	ap.subs_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge subscriptions",
+										ALLOCSET_DEFAULT_SIZES);
+	ap.origin = InvalidRepOriginId;
+	ap.record_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge record",
+										  ALLOCSET_DEFAULT_SIZES);
+
+	/* like core's apply workers: ordinary triggers and rules do not fire */
+	SetConfigOption("session_replication_role", "replica", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("search_path", "", PGC_SUSET, PGC_S_OVERRIDE);
+
+	for (;;)
+	{
+		TimestampTz now;
+		int			consumed = 0;
+		char		error[512];
+		char		waiting[300];
+
+		CHECK_FOR_INTERRUPTS();
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+
+		if (ConfigReloadPending)
+		{
+			char	   *now_fp;
+
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			now_fp = kb_kafka_settings_fingerprint();
+			if (strcmp(now_fp, fingerprint) != 0)
+			{
+				ereport(LOG,
+						(errmsg("kafka_bridge applier for database \"%s\" is reconnecting with the reloaded Kafka settings",
+								dbname)));
+				drop_consumer();
+			}
+			pfree(fingerprint);
+			fingerprint = MemoryContextStrdup(TopMemoryContext, now_fp);
+		}
+
+		now = GetCurrentTimestamp();
+		if (now >= ap.next_check)
+		{
+			check_subscriptions();
+			ap.next_check = TimestampTzPlusMilliseconds(now, 1000);
+		}
+
+		if (!ap.have_extension)
+			report(KB_STATE_IDLE, "extension kafka_bridge is not installed in this database");
+		else if (ap.subs == NIL)
+			report(KB_STATE_IDLE, "no subscribed tables");
+		else if (kb_bootstrap_servers[0] == '\0')
+			report(KB_STATE_UNCONFIGURED, "waiting for kafka_bridge.bootstrap_servers to be set");
+		else if (now >= ap.retry_at)
+		{
+			if (ap.client == NULL)
+			{
+				char	   *detail;
+
+				ap.client = kb_kafka_client_create(KB_CLIENT_CONSUMER, ap.group_id, NULL, &detail);
+				if (ap.client == NULL)
+				{
+					kb_status_set_error(ap.slot, KB_STATE_ERROR, "%s", detail);
+					report(KB_STATE_ERROR, "waiting for a usable Kafka configuration");
+					ap.retry_at = TimestampTzPlusMilliseconds(now, 5000);
+				}
+				else
+				{
+					report(KB_STATE_CONNECTING, "connecting to Kafka");
+					forget_partitions();
+				}
+			}
+			if (ap.client && now >= ap.next_metadata)
+			{
+				if (refresh_assignment(error, sizeof(error), waiting, sizeof(waiting)))
+				{
+					ap.next_metadata = TimestampTzPlusMilliseconds(now, ap.npartitions > 0 ? KB_METADATA_MS : 1000);
+					if (waiting[0] && ap.npartitions == 0)
+						report(KB_STATE_CONNECTED, waiting);
+					else if (kb_status_slot(ap.slot)->state != KB_STATE_CONNECTED)
+						report(KB_STATE_CONNECTED, "applying records");
+				}
+				else
+				{
+					kb_status_set_error(ap.slot, KB_STATE_ERROR, "%s", error);
+					report(KB_STATE_ERROR, "waiting for Kafka");
+					ap.next_metadata = TimestampTzPlusMilliseconds(now, 1000);
+				}
+			}
+			if (ap.client && ap.npartitions > 0)
+				consumed = consume_batch();
+		}
+		if (ap.client)
+			kb_kafka_client_poll(ap.client);
+
+		/* idle: sleep until woken; busy: only look whether a subscription changed */
+		if (WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					  consumed == 0 && (ap.client == NULL || ap.npartitions == 0) ? 1000L : 0L,
+					  PG_WAIT_EXTENSION) & WL_LATCH_SET)
+			ap.next_check = 0;
+		ResetLatch(MyLatch);
+	}
+}

@@ -1,0 +1,654 @@
+/*-------------------------------------------------------------------------
+ * apply.c
+ *	  Applying one consumed event to its table: a PUT inserts or updates the
+ *	  row with its key, a DELETE removes it, a TRUNCATE empties the table.
+ *
+ * Values never become SQL text: each column's value goes through the
+ * column type's input function (so every type the publisher encodes comes
+ * back as it was, and a value the type refuses is an error naming the
+ * column), and the statements are prepared once per table and set of
+ * columns, with quoted identifiers and bound parameters.  They run through
+ * SPI as the subscription's apply role, so the role's privileges, row
+ * security and the table's constraints hold for what Kafka writes.
+ *
+ * Columns an event lacks keep their value on update and get their default
+ * on insert; event members that are no column are ignored (and logged once
+ * per table); columns listed as "unchanged" (TOASTed values an UPDATE left
+ * alone) keep the local value.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/relation.h"
+#include "access/table.h"
+#include "catalog/pg_index.h"
+#include "catalog/pg_opclass.h"
+#include "catalog/pg_operator.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "access/stratnum.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+
+#include "apply.h"
+#include "kafka_bridge.h"
+
+typedef enum PlanKind
+{
+	PLAN_UPSERT,
+	PLAN_UPDATE,				/* the event leaves some columns unchanged */
+	PLAN_DELETE
+} PlanKind;
+
+typedef struct ApplyColumn
+{
+	char	   *name;
+	AttrNumber	attnum;
+	Oid			typid;
+	int32		typmod;
+	FmgrInfo	input;
+	Oid			ioparam;
+	bool		is_array;		/* JSON arrays become array literals */
+	bool		writable;		/* not a generated column */
+	int			key_pos;		/* position in the key, or -1 */
+	char	   *eq_operator;	/* key columns: OPERATOR(schema.=) */
+} ApplyColumn;
+
+typedef struct ApplyPlan
+{
+	PlanKind	kind;
+	Bitmapset  *columns;		/* indexes into ApplyTable.columns */
+	SPIPlanPtr	plan;
+} ApplyPlan;
+
+typedef struct ApplyTable
+{
+	Oid			relid;			/* hash key */
+	bool		valid;
+	MemoryContext cxt;			/* everything below */
+	char	   *name;			/* schema-qualified, quoted */
+	int			ncolumns;
+	ApplyColumn *columns;
+	int			nkeys;
+	int		   *keys;			/* column indexes, in key order */
+	bool		identity_always;	/* inserts need OVERRIDING SYSTEM VALUE */
+	List	   *plans;			/* ApplyPlan */
+	List	   *ignored;		/* member names already logged as no column */
+} ApplyTable;
+
+static HTAB *apply_tables = NULL;
+static const char *current_column = NULL;
+
+const char *
+kb_apply_current_column(void)
+{
+	return current_column;
+}
+
+static void
+free_table(ApplyTable *t)
+{
+	ListCell   *lc;
+
+	foreach(lc, t->plans)
+		SPI_freeplan(((ApplyPlan *) lfirst(lc))->plan);
+	if (t->cxt)
+		MemoryContextDelete(t->cxt);
+	t->cxt = NULL;
+	t->plans = NIL;
+	t->valid = false;
+}
+
+/* ALTER TABLE and the like: rebuild the table's shape and plans at next use. */
+static void
+invalidate_table(Datum arg, Oid relid)
+{
+	HASH_SEQ_STATUS status;
+	ApplyTable *t;
+
+	if (apply_tables == NULL)
+		return;
+	hash_seq_init(&status, apply_tables);
+	while ((t = hash_seq_search(&status)) != NULL)
+		if (relid == InvalidOid || t->relid == relid)
+			t->valid = false;
+}
+
+void
+kb_apply_reset(void)
+{
+	HASH_SEQ_STATUS status;
+	ApplyTable *t;
+
+	if (apply_tables == NULL)
+		return;
+	hash_seq_init(&status, apply_tables);
+	while ((t = hash_seq_search(&status)) != NULL)
+	{
+		free_table(t);
+		(void) hash_search(apply_tables, &t->relid, HASH_REMOVE, NULL);
+	}
+}
+
+/* The equality operator of a key column's index opclass, qualified. */
+static char *
+key_operator(Oid opclass, Oid typid)
+{
+	HeapTuple	tup = SearchSysCache1(CLAOID, ObjectIdGetDatum(opclass));
+	Oid			opfamily;
+	Oid			opcintype;
+	Oid			op;
+
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for operator class %u", opclass);
+	opfamily = ((Form_pg_opclass) GETSTRUCT(tup))->opcfamily;
+	opcintype = ((Form_pg_opclass) GETSTRUCT(tup))->opcintype;
+	ReleaseSysCache(tup);
+	op = get_opfamily_member(opfamily, opcintype, opcintype, BTEqualStrategyNumber);
+	if (!OidIsValid(op))
+		return pstrdup("OPERATOR(pg_catalog.=)");
+	tup = SearchSysCache1(OPEROID, ObjectIdGetDatum(op));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for operator %u", op);
+	{
+		Form_pg_operator form = (Form_pg_operator) GETSTRUCT(tup);
+		char	   *result = psprintf("OPERATOR(%s.%s)",
+									  quote_identifier(get_namespace_name(form->oprnamespace)),
+									  NameStr(form->oprname));
+
+		ReleaseSysCache(tup);
+		return result;
+	}
+}
+
+static void
+build_table(ApplyTable *t)
+{
+	Relation	rel = table_open(t->relid, AccessShareLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	Oid			index = RelationGetReplicaIndex(rel);
+	HeapTuple	indtup;
+	Form_pg_index indform;
+	oidvector  *indclass;
+	bool		isnull;
+	MemoryContext old;
+
+	if (!OidIsValid(index))
+		index = RelationGetPrimaryKeyIndex(rel);
+	if (!OidIsValid(index))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("table \"%s\" has no primary key any more", RelationGetRelationName(rel)),
+				 errhint("Add a primary key: events are applied by key.")));
+
+	t->cxt = AllocSetContextCreate(CacheMemoryContext, "kafka_bridge apply table",
+								   ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(t->cxt);
+	t->name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+										 RelationGetRelationName(rel));
+	t->columns = palloc0(sizeof(ApplyColumn) * Max(desc->natts, 1));
+	t->ncolumns = 0;
+	t->identity_always = false;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		ApplyColumn *c;
+		Oid			infunc;
+
+		if (att->attisdropped)
+			continue;
+		c = &t->columns[t->ncolumns++];
+		c->name = pstrdup(NameStr(att->attname));
+		c->attnum = att->attnum;
+		c->typid = att->atttypid;
+		c->typmod = att->atttypmod;
+		getTypeInputInfo(att->atttypid, &infunc, &c->ioparam);
+		fmgr_info_cxt(infunc, &c->input, t->cxt);
+		c->is_array = OidIsValid(get_element_type(getBaseType(att->atttypid)));
+		c->writable = (att->attgenerated == '\0');
+		c->key_pos = -1;
+		t->identity_always |= (att->attidentity == ATTRIBUTE_IDENTITY_ALWAYS);
+	}
+
+	indtup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(index));
+	if (!HeapTupleIsValid(indtup))
+		elog(ERROR, "cache lookup failed for index %u", index);
+	indform = (Form_pg_index) GETSTRUCT(indtup);
+	indclass = (oidvector *) DatumGetPointer(SysCacheGetAttr(INDEXRELID, indtup,
+															 Anum_pg_index_indclass, &isnull));
+	t->nkeys = indform->indnkeyatts;
+	t->keys = palloc(sizeof(int) * t->nkeys);
+	for (int k = 0; k < t->nkeys; k++)
+	{
+		for (int i = 0; i < t->ncolumns; i++)
+			if (t->columns[i].attnum == indform->indkey.values[k])
+			{
+				t->keys[k] = i;
+				t->columns[i].key_pos = k;
+				t->columns[i].eq_operator = key_operator(indclass->values[k],
+														 t->columns[i].typid);
+			}
+	}
+	ReleaseSysCache(indtup);
+	MemoryContextSwitchTo(old);
+	table_close(rel, AccessShareLock);
+	t->valid = true;
+}
+
+static ApplyTable *
+get_table(Oid relid)
+{
+	ApplyTable *t;
+	bool		found;
+
+	if (apply_tables == NULL)
+	{
+		HASHCTL		ctl = {0};
+
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(ApplyTable);
+		apply_tables = hash_create("kafka_bridge apply tables", 16, &ctl,
+								   HASH_ELEM | HASH_BLOBS);
+		CacheRegisterRelcacheCallback(invalidate_table, (Datum) 0);
+	}
+	t = hash_search(apply_tables, &relid, HASH_ENTER, &found);
+	if (!found)
+	{
+		memset(((char *) t) + sizeof(Oid), 0, sizeof(ApplyTable) - sizeof(Oid));
+	}
+	if (!t->valid)
+	{
+		free_table(t);
+		build_table(t);
+	}
+	return t;
+}
+
+/* A prepared statement of the given kind for a set of columns. */
+static SPIPlanPtr
+get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
+{
+	ListCell   *lc;
+	StringInfoData sql;
+	Oid		   *types;
+	int			nparams = 0;
+	int			col;
+	bool		first = true;
+	ApplyPlan  *p;
+	MemoryContext old;
+	int		   *param_of = palloc(sizeof(int) * t->ncolumns);
+
+	foreach(lc, t->plans)
+	{
+		p = lfirst(lc);
+		if (p->kind == kind && bms_equal(p->columns, columns))
+			return p->plan;
+	}
+
+	/* parameters: the columns given, in column order */
+	types = palloc(sizeof(Oid) * Max(t->ncolumns, 1));
+	col = -1;
+	while ((col = bms_next_member(columns, col)) >= 0)
+	{
+		param_of[col] = ++nparams;
+		types[nparams - 1] = t->columns[col].typid;
+	}
+
+	initStringInfo(&sql);
+	if (kind == PLAN_UPSERT)
+	{
+		bool		any_set = false;
+
+		appendStringInfo(&sql, "INSERT INTO %s AS t (", t->name);
+		col = -1;
+		while ((col = bms_next_member(columns, col)) >= 0)
+		{
+			appendStringInfo(&sql, "%s%s", first ? "" : ", ", quote_identifier(t->columns[col].name));
+			first = false;
+		}
+		appendStringInfoString(&sql, t->identity_always ? ") OVERRIDING SYSTEM VALUE VALUES (" : ") VALUES (");
+		for (int i = 1; i <= nparams; i++)
+			appendStringInfo(&sql, "%s$%d", i > 1 ? ", " : "", i);
+		appendStringInfoString(&sql, ") ON CONFLICT (");
+		for (int k = 0; k < t->nkeys; k++)
+			appendStringInfo(&sql, "%s%s", k > 0 ? ", " : "",
+							 quote_identifier(t->columns[t->keys[k]].name));
+		appendStringInfoString(&sql, ") DO UPDATE SET ");
+		col = -1;
+		while ((col = bms_next_member(columns, col)) >= 0)
+		{
+			if (t->columns[col].key_pos >= 0)
+				continue;
+			appendStringInfo(&sql, "%s%s = excluded.%s", any_set ? ", " : "",
+							 quote_identifier(t->columns[col].name),
+							 quote_identifier(t->columns[col].name));
+			any_set = true;
+		}
+		if (!any_set)
+		{
+			/* only key columns: nothing to update */
+			sql.len -= strlen(" DO UPDATE SET ");
+			sql.data[sql.len] = '\0';
+			appendStringInfoString(&sql, " DO NOTHING");
+		}
+	}
+	else if (kind == PLAN_UPDATE)
+	{
+		bool		any_set = false;
+
+		appendStringInfo(&sql, "UPDATE %s SET ", t->name);
+		col = -1;
+		while ((col = bms_next_member(columns, col)) >= 0)
+		{
+			if (t->columns[col].key_pos >= 0)
+				continue;
+			appendStringInfo(&sql, "%s%s = $%d", any_set ? ", " : "",
+							 quote_identifier(t->columns[col].name), param_of[col]);
+			any_set = true;
+		}
+		if (!any_set)
+		{
+			int			k0 = t->keys[0];
+
+			appendStringInfo(&sql, "%s = $%d", quote_identifier(t->columns[k0].name),
+							 param_of[k0]);
+		}
+	}
+	else
+		appendStringInfo(&sql, "DELETE FROM %s", t->name);
+
+	if (kind != PLAN_UPSERT)
+	{
+		appendStringInfoString(&sql, " WHERE ");
+		for (int k = 0; k < t->nkeys; k++)
+		{
+			ApplyColumn *c = &t->columns[t->keys[k]];
+
+			appendStringInfo(&sql, "%s%s %s $%d", k > 0 ? " AND " : "",
+							 quote_identifier(c->name), c->eq_operator,
+							 param_of[t->keys[k]]);
+		}
+	}
+
+	p = MemoryContextAlloc(t->cxt, sizeof(ApplyPlan));
+	p->kind = kind;
+	old = MemoryContextSwitchTo(t->cxt);
+	p->columns = bms_copy(columns);
+	MemoryContextSwitchTo(old);
+	p->plan = SPI_prepare(sql.data, nparams, types);
+	if (p->plan == NULL)
+		elog(ERROR, "could not prepare \"%s\": %s", sql.data,
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(p->plan);
+	old = MemoryContextSwitchTo(t->cxt);
+	t->plans = lappend(t->plans, p);
+	MemoryContextSwitchTo(old);
+	return p->plan;
+}
+
+static int
+find_column(ApplyTable *t, const char *name)
+{
+	for (int i = 0; i < t->ncolumns; i++)
+		if (strcmp(t->columns[i].name, name) == 0)
+			return i;
+	return -1;
+}
+
+/* The value of one column from its JSON member, through the type's input function. */
+static Datum
+column_value(ApplyColumn *c, KbJsonField *f, bool *isnull)
+{
+	char	   *text = f->text;
+	Datum		d;
+
+	*isnull = (f->type == JSON_TOKEN_NULL);
+	if (*isnull)
+		return (Datum) 0;
+	current_column = c->name;
+	if (f->type == JSON_TOKEN_ARRAY_START && c->is_array)
+	{
+		char	   *error;
+
+		text = kb_json_array_to_literal(f->text, &error);
+		if (text == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+					 errmsg("malformed array: %s", error)));
+	}
+	d = InputFunctionCall(&c->input, text, c->ioparam, c->typmod);
+	current_column = NULL;
+	return d;
+}
+
+static KbApplyOutcome
+reject(char **reason, const char *fmt,...) pg_attribute_printf(2, 3);
+
+static KbApplyOutcome
+reject(char **reason, const char *fmt,...)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (;;)
+	{
+		va_list		args;
+		int			needed;
+
+		va_start(args, fmt);
+		needed = appendStringInfoVA(&buf, fmt, args);
+		va_end(args);
+		if (needed == 0)
+			break;
+		enlargeStringInfo(&buf, needed);
+	}
+	*reason = buf.data;
+	return KB_APPLY_REJECTED;
+}
+
+/* Key members must name key columns and equal the row's values. */
+static bool
+key_matches_row(KbJsonObject *key, KbJsonObject *row, char **reason)
+{
+	for (int i = 0; i < key->nfields; i++)
+	{
+		KbJsonField *k = &key->fields[i];
+		KbJsonField *r = kb_json_find(row, k->name);
+
+		if (r == NULL || r->type != k->type ||
+			(k->text != NULL && strcmp(k->text, r->text) != 0))
+		{
+			reject(reason, "the record key does not match the row: key member \"%s\" is %s, the row's is %s",
+				   k->name, k->text ? k->text : "null",
+				   r == NULL ? "missing" : (r->text ? r->text : "null"));
+			return false;
+		}
+	}
+	return true;
+}
+
+static void
+truncate_table(ApplyTable *t)
+{
+	int			rc = SPI_execute(psprintf("TRUNCATE %s", t->name), false, 0);
+
+	if (rc != SPI_OK_UTILITY)
+		elog(ERROR, "TRUNCATE %s failed: %s", t->name, SPI_result_code_string(rc));
+}
+
+KbApplyOutcome
+kb_apply_record(KbSubscription *sub, KbRecord *rec, char **reason)
+{
+	rd_kafka_message_t *msg = rec->msg;
+	KbJsonObject env;
+	KbJsonObject row;
+	KbJsonObject key;
+	KbJsonField *f;
+	const char *event;
+	size_t		prefix_len = strlen(sub->event_prefix);
+	List	   *unchanged = NIL;
+	ApplyTable *t;
+	char	   *error;
+	bool		has_row = false;
+	enum
+	{
+		EV_PUT, EV_DELETE, EV_TRUNCATE
+	}			kind;
+	Bitmapset  *columns = NULL;
+	Datum	   *values;
+	char	   *nulls;
+	int			nparams = 0;
+	int			rc;
+	SPIPlanPtr	plan;
+	PlanKind	plan_kind;
+
+	current_column = NULL;
+	if (msg->payload == NULL)
+		return KB_APPLY_SKIPPED;	/* a tombstone: the DELETE did the work */
+	if (rec->origin && strcmp(rec->origin, kb_instance_id()) == 0)
+		return KB_APPLY_SKIPPED;	/* this instance's own change */
+
+	/* the event type, and the row */
+	if (sub->format == KB_FORMAT_ENVELOPE)
+	{
+		error = kb_json_parse_object(msg->payload, msg->len, &env, "row", &row, &has_row);
+		if (error)
+			return reject(reason, "the record value is not an event: %s", error);
+		f = kb_json_find(&env, "event");
+		if (f == NULL || f->type != JSON_TOKEN_STRING)
+			return reject(reason, "the event has no \"event\" member naming its type");
+		event = f->text;
+	}
+	else
+	{
+		if (msg->key == NULL)
+			return reject(reason, "the record has no key: in the flat format the key is the event type (%s-PUT or %s-DELETE)",
+						  sub->event_prefix, sub->event_prefix);
+		event = pnstrdup(msg->key, msg->key_len);
+	}
+
+	if (strncmp(event, sub->event_prefix, prefix_len) == 0 && event[prefix_len] == '-' &&
+		strcmp(event + prefix_len + 1, KB_EVENT_PUT) == 0)
+		kind = EV_PUT;
+	else if (strncmp(event, sub->event_prefix, prefix_len) == 0 && event[prefix_len] == '-' &&
+			 strcmp(event + prefix_len + 1, KB_EVENT_DELETE) == 0)
+		kind = EV_DELETE;
+	else if (strncmp(event, sub->event_prefix, prefix_len) == 0 && event[prefix_len] == '-' &&
+			 strcmp(event + prefix_len + 1, KB_EVENT_TRUNCATE) == 0)
+		kind = EV_TRUNCATE;
+	else
+		return reject(reason, "unknown event type \"%s\": expected %s-PUT, %s-DELETE or %s-TRUNCATE",
+					  event, sub->event_prefix, sub->event_prefix, sub->event_prefix);
+
+	t = get_table(sub->relid);
+	if (kind == EV_TRUNCATE)
+	{
+		truncate_table(t);
+		return KB_APPLY_APPLIED;
+	}
+
+	if (sub->format == KB_FORMAT_ENVELOPE)
+	{
+		if (!has_row)
+			return reject(reason, "the %s event has no \"row\" object", event);
+		if (msg->key == NULL)
+			return reject(reason, "the record has no key: an event's key is its row's key as a JSON object");
+		error = kb_json_parse_object(msg->key, msg->key_len, &key, NULL, NULL, NULL);
+		if (error)
+			return reject(reason, "the record key is not a JSON object: %s", error);
+		if (!key_matches_row(&key, &row, reason))
+			return KB_APPLY_REJECTED;
+		f = kb_json_find(&env, "unchanged");
+		if (f && f->type != JSON_TOKEN_NULL &&
+			(f->type != JSON_TOKEN_ARRAY_START || !kb_json_string_array(f->text, &unchanged)))
+			return reject(reason, "the event's \"unchanged\" member is not an array of column names");
+	}
+	else
+	{
+		error = kb_json_parse_object(msg->payload, msg->len, &row, NULL, NULL, NULL);
+		if (error)
+			return reject(reason, "the record value is not a row: %s", error);
+	}
+
+	/* which columns the event gives */
+	values = palloc(sizeof(Datum) * Max(t->ncolumns, 1));
+	nulls = palloc(sizeof(char) * Max(t->ncolumns, 1));
+	for (int i = 0; i < row.nfields; i++)
+	{
+		KbJsonField *rf = &row.fields[i];
+		int			col = find_column(t, rf->name);
+		ListCell   *lc;
+		bool		is_unchanged = false;
+
+		if (col < 0)
+		{
+			MemoryContext old;
+
+			foreach(lc, t->ignored)
+				if (strcmp(lfirst(lc), rf->name) == 0)
+					break;
+			if (lc == NULL)
+			{
+				ereport(LOG,
+						(errmsg("kafka_bridge ignores member \"%s\" of the events of topic \"%s\": table %s has no such column",
+								rf->name, sub->topic, t->name),
+						 errdetail("This is logged once per column; add the column to apply it.")));
+				old = MemoryContextSwitchTo(t->cxt);
+				t->ignored = lappend(t->ignored, pstrdup(rf->name));
+				MemoryContextSwitchTo(old);
+			}
+			continue;
+		}
+		foreach(lc, unchanged)
+			is_unchanged |= (strcmp(lfirst(lc), rf->name) == 0);
+		if (is_unchanged || !t->columns[col].writable)
+			continue;
+		if (kind == EV_DELETE && t->columns[col].key_pos < 0)
+			continue;
+		if (bms_is_member(col, columns))
+			return reject(reason, "the row gives column \"%s\" twice", rf->name);
+		columns = bms_add_member(columns, col);
+	}
+	for (int k = 0; k < t->nkeys; k++)
+	{
+		ApplyColumn *c = &t->columns[t->keys[k]];
+		KbJsonField *kf = kb_json_find(&row, c->name);
+
+		if (kf == NULL || kf->type == JSON_TOKEN_NULL)
+			return reject(reason, "the row has no value for key column \"%s\"", c->name);
+		if (!bms_is_member(t->keys[k], columns))
+			columns = bms_add_member(columns, t->keys[k]);
+	}
+
+	/* the values, in column order: each through its type's input function */
+	{
+		int			col = -1;
+
+		while ((col = bms_next_member(columns, col)) >= 0)
+		{
+			bool		isnull;
+
+			values[nparams] = column_value(&t->columns[col],
+										   kb_json_find(&row, t->columns[col].name), &isnull);
+			nulls[nparams++] = isnull ? 'n' : ' ';
+		}
+	}
+
+	plan_kind = kind == EV_DELETE ? PLAN_DELETE : unchanged != NIL ? PLAN_UPDATE : PLAN_UPSERT;
+	plan = get_plan(t, plan_kind, columns);
+	rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	if (rc < 0)
+		elog(ERROR, "applying an event to %s failed: %s", t->name, SPI_result_code_string(rc));
+	if (plan_kind == PLAN_UPDATE && SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("the row is missing locally and the event leaves columns unchanged, whose values it does not carry")));
+	return KB_APPLY_APPLIED;
+}

@@ -1,0 +1,119 @@
+/*-------------------------------------------------------------------------
+ * apply.h
+ *	  The apply side: subscriptions (subscribe.c), the reading of events
+ *	  (event_reader.c) and the applying of one Kafka record to its table
+ *	  (apply.c), which the applier worker (applier.c) drives.
+ *
+ * docs/applying.md describes the same behaviour for users.
+ *-------------------------------------------------------------------------
+ */
+#ifndef KB_APPLY_H
+#define KB_APPLY_H
+
+#include "postgres.h"
+
+#include "common/jsonapi.h"
+#include "nodes/pg_list.h"
+
+#include <librdkafka/rdkafka.h>
+
+#include "event_codec.h"
+
+/* ---- subscribe.c ---- */
+
+/* A table's subscription, as kafka_bridge.subscriptions holds it. */
+typedef struct KbSubscription
+{
+	Oid			relid;
+	char	   *topic;
+	KbEventFormat format;
+	char	   *event_prefix;
+	Oid			apply_role;
+} KbSubscription;
+
+/* Every subscription of the database (in a transaction, SPI connected). */
+extern List *kb_load_subscriptions(void);
+
+/* The sql_drop event trigger's part for subscriptions. */
+extern void kb_forget_dropped_subscriptions(void);
+
+/* Set by subscribe()/unsubscribe(): wake the applier when the transaction commits. */
+extern bool kb_subscriptions_changed;
+
+/* ---- event_reader.c ---- */
+
+/*
+ * A member of a JSON object.  Scalars are held as text (strings
+ * de-escaped, numbers as written, true/false/null by name); objects and
+ * arrays as their JSON text.
+ */
+typedef struct KbJsonField
+{
+	char	   *name;
+	JsonTokenType type;			/* STRING, NUMBER, TRUE, FALSE, NULL,
+								 * OBJECT_START or ARRAY_START */
+	char	   *text;
+	bool		used;			/* set by whoever consumed it */
+} KbJsonField;
+
+typedef struct KbJsonObject
+{
+	int			nfields;
+	int			capacity;
+	KbJsonField *fields;
+} KbJsonObject;
+
+/*
+ * Parse json (len bytes, need not be terminated) as one JSON object into
+ * *obj; when descend is not NULL and the object has an object member of
+ * that name, its members go to *inner as well.  Returns NULL on success,
+ * else why the text is no JSON object.
+ */
+extern char *kb_json_parse_object(char *json, int len, KbJsonObject *obj,
+								  const char *descend, KbJsonObject *inner,
+								  bool *has_inner);
+extern KbJsonField *kb_json_find(KbJsonObject *obj, const char *name);
+
+/*
+ * A JSON array as a PostgreSQL array literal ("[1,[2]]" -> "{1,{2}}");
+ * NULL and *error set when it is no array of arrays and scalars.
+ */
+extern char *kb_json_array_to_literal(char *json, char **error);
+
+/* The strings of a JSON array of strings; false when it is not one. */
+extern bool kb_json_string_array(char *json, List **strings);
+
+/* ---- apply.c ---- */
+
+typedef enum KbApplyOutcome
+{
+	KB_APPLY_APPLIED,			/* the table changed (or a DELETE found no row) */
+	KB_APPLY_SKIPPED,			/* nothing to do: tombstone, own event, replay */
+	KB_APPLY_REJECTED			/* bad event: *reason says why, nothing written */
+} KbApplyOutcome;
+
+/* What the applier knows of a record before applying it. */
+typedef struct KbRecord
+{
+	rd_kafka_message_t *msg;
+	const char *origin;			/* "origin" header, or NULL */
+	XLogRecPtr	lsn;			/* "lsn" header, or InvalidXLogRecPtr */
+	uint32		seq;			/* "seq" header, or 0 */
+} KbRecord;
+
+/*
+ * Apply one record of a subscribed topic to its table.  Raises an error
+ * when PostgreSQL refuses the change (the caller decides whether that is
+ * the event's fault); returns KB_APPLY_REJECTED with *reason when the
+ * event itself is malformed.  Runs as the subscription's apply role.
+ */
+extern KbApplyOutcome kb_apply_record(KbSubscription *sub, KbRecord *rec,
+									  char **reason);
+
+/* The column being converted when an error is raised, or NULL. */
+extern const char *kb_apply_current_column(void);
+
+/* Forget cached plans and table shapes (subscriptions changed). */
+extern void kb_apply_reset(void);
+
+#endif							/* KB_APPLY_H */
