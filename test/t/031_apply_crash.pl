@@ -47,12 +47,13 @@ $node_b->safe_psql('postgres', q{
 	CREATE EXTENSION kafka_bridge;
 	CREATE TABLE client (id int PRIMARY KEY, name text NOT NULL, amount numeric, created date);
 	CREATE TABLE regress_apply_log (n bigserial PRIMARY KEY, id int NOT NULL, op text NOT NULL);
+	-- the applier runs with an empty search_path, as core's apply workers do
 	CREATE FUNCTION regress_log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
 	BEGIN
 	  IF TG_OP = 'DELETE' THEN
-	    INSERT INTO regress_apply_log (id, op) VALUES (OLD.id, TG_OP);
+	    INSERT INTO public.regress_apply_log (id, op) VALUES (OLD.id, TG_OP);
 	  ELSE
-	    INSERT INTO regress_apply_log (id, op) VALUES (NEW.id, TG_OP);
+	    INSERT INTO public.regress_apply_log (id, op) VALUES (NEW.id, TG_OP);
 	  END IF;
 	  RETURN NULL;
 	END $$;
@@ -60,8 +61,8 @@ $node_b->safe_psql('postgres', q{
 	  FOR EACH ROW EXECUTE FUNCTION regress_log_apply();
 	ALTER TABLE client ENABLE ALWAYS TRIGGER regress_log_apply;
 });
-ok($node_b->poll_query_until('postgres', "SELECT state = 'connected' FROM kafka_bridge.status WHERE worker = 'applier'"),
-	'B: the applier is connected');
+ok($node_b->poll_query_until('postgres', "SELECT state = 'idle' FROM kafka_bridge.status WHERE worker = 'applier'"),
+	'B: the applier waits, idle, for a subscription');
 $node_b->safe_psql('postgres', "SELECT kafka_bridge.subscribe('client', topic => '$topic')");
 
 # kill the postmaster as soon as the applier is well under way
@@ -72,6 +73,8 @@ for (my $waited = 0; $waited < 3000; $waited++)
 	last if $seen >= 10_000;
 	usleep(50_000);
 }
+diag('B before the kill: ' . $node_b->safe_psql('postgres', 'SELECT * FROM kafka_bridge.subscription_status'))
+  if $seen < 10_000;
 $node_b->kill9;
 ok($seen >= 10_000 && $seen < $events, "B: killed while applying ($seen of $events rows applied)");
 
