@@ -8,7 +8,11 @@
 # row missing here...) each land in kafka_bridge.dead_letters with its
 # coordinates, raw bytes and a reason that says what is wrong; nothing of
 # them reaches the table; the good records before, between and after them
-# are applied; the applier keeps the same pid throughout.
+# are applied; the applier keeps the same pid throughout.  Bursts of good
+# and bad records consumed in one go (with and without the publisher's
+# headers) lose no good record; an apply_role without the rights gives
+# dead letters until it is granted them; after a restart no dead letter
+# is written twice.
 use strict;
 use warnings;
 
@@ -43,6 +47,22 @@ $node->safe_psql('postgres', q{
 		score int CHECK (score >= 0),
 		note text);
 	CREATE TABLE flat_client (id int PRIMARY KEY, name text NOT NULL, age int);
+	-- a trigger that applied rows fire (the applier runs with an empty search_path)
+	CREATE FUNCTION regress_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN
+	  IF NEW.name = 'forbidden' THEN
+	    RAISE EXCEPTION 'regress_refuse: client % is forbidden', NEW.id;
+	  END IF;
+	  RETURN NEW;
+	END $$;
+	CREATE TRIGGER regress_refuse BEFORE INSERT OR UPDATE ON client
+	  FOR EACH ROW EXECUTE FUNCTION regress_refuse();
+	ALTER TABLE client ENABLE ALWAYS TRIGGER regress_refuse;
+	CREATE TABLE regress_burst (id int PRIMARY KEY, n int NOT NULL);
+	CREATE TABLE regress_burst_h (id int PRIMARY KEY, n int NOT NULL);
+	CREATE TABLE regress_guarded (id int PRIMARY KEY, v text);
+	CREATE ROLE regress_reader NOLOGIN;
+	GRANT SELECT ON regress_guarded TO regress_reader;
 });
 
 # ---- how the records are made ----
@@ -194,6 +214,11 @@ my @envelope_cases = (
 	  record => envelope(row => { id => 142, name => 'x', email => 'ada@example.org' }) },
 	{ name => 'value too long for varchar(5)', absent => [143], reason => [qr/value too long for type character varying\(5\)/],
 	  record => envelope(row => { id => 143, name => 'x', code => 'toolong' }) },
+	{ name => 'a trigger refuses the row', absent => [146], reason => [qr/regress_refuse: client 146 is forbidden/],
+	  record => envelope(row => { id => 146, name => 'forbidden' }) },
+	{ name => 'an update that violates a unique index', reason => [qr/duplicate key value violates unique constraint/],
+	  record => envelope(row => { id => 2, name => 'Bob', email => 'ada@example.org' }),
+	  check => [ q{SELECT email FROM client WHERE id = 2}, 'bob@example.org' ] },
 	{ name => 'update of a row whose second column is bad', reason => [qr/invalid input syntax for type integer/],
 	  record => envelope(row => { id => 2, name => 'changed', age => 'abc' }),
 	  check => [ q{SELECT name || ' ' || age FROM client WHERE id = 2}, 'Bob 41' ] },
@@ -354,6 +379,94 @@ is($node->safe_psql('postgres', q{SELECT string_agg(id || ' ' || name || ' ' || 
 	'1 one 1, 11 eleven 11', 'flat: the good records are applied (10 put, then deleted)');
 
 is(kb_applier($node)->{pid}, $pid, 'the applier never stopped: same pid');
+
+# ---- bursts: good and bad records consumed together ----
+
+# 1000 records without headers, every tenth bad, all in the topic before
+# the subscription, so the applier gets them in large batches
+my @burst;
+for my $i (1 .. 1000)
+{
+	my $n = $i % 10 == 0 ? '"ten"' : $i;
+	push @burst, { key => qq({"id":$i}), value => qq({"event":"BURST-PUT","row":{"id":$i,"n":$n}}) };
+}
+kafka_produce('regress_dl_burst', @burst);
+
+# 300 records with the publisher's headers: transactions of 10 records
+# sharing a commit LSN, numbered 1 to 10; the fifth of every third one bad
+my @burst_h;
+my @burst_h_bad;
+for my $tx (0 .. 29)
+{
+	my $lsn_text = sprintf('0/%X', 0x5000000 + $tx * 0x1000);
+	for my $seq (1 .. 10)
+	{
+		my $id = $tx * 10 + $seq;
+		my $bad = $tx % 3 == 0 && $seq == 5;
+		push @burst_h_bad, $tx * 10 + $seq - 1 if $bad;
+		push @burst_h, {
+			key => qq({"id":$id}),
+			value => qq({"event":"BURST-PUT","origin":"regress_src","lsn":"$lsn_text","row":{"id":$id,"n":)
+			  . ($bad ? '"x"' : $id) . '}}',
+			headers => [ event => 'BURST-PUT', origin => 'regress_src', lsn => $lsn_text, seq => $seq ]
+		};
+	}
+}
+kafka_produce('regress_dl_burst_h', @burst_h);
+
+$node->safe_psql('postgres', q{
+	SELECT kafka_bridge.subscribe('regress_burst', topic => 'regress_dl_burst', event_prefix => 'BURST');
+	SELECT kafka_bridge.subscribe('regress_burst_h', topic => 'regress_dl_burst_h', event_prefix => 'BURST');
+});
+ok($node->poll_query_until('postgres', q{
+		SELECT count(*) = 2 FROM kafka_bridge.subscription_status
+		WHERE topic IN ('regress_dl_burst', 'regress_dl_burst_h') AND lag = 0
+		  AND next_offset = CASE topic WHEN 'regress_dl_burst' THEN 1000 ELSE 300 END}),
+	'the bursts are consumed');
+is($node->safe_psql('postgres', q{
+		SELECT count(*) || ' ' || count(*) FILTER (WHERE id % 10 = 0) || ' ' || count(*) FILTER (WHERE n <> id)
+		FROM regress_burst}),
+	'900 0 0', 'burst without headers: the 900 good records are applied, the bad ones not');
+is($node->safe_psql('postgres', q{
+		SELECT string_agg("offset"::text, ',' ORDER BY "offset") FROM kafka_bridge.dead_letters
+		WHERE topic = 'regress_dl_burst' AND reason ~ 'invalid input syntax for type integer'}),
+	join(',', map { $_ * 10 - 1 } 1 .. 100), 'and each bad one is a dead letter at its offset');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM regress_burst_h'), 300 - scalar(@burst_h_bad),
+	'burst with headers: every good record is applied, although its transaction had a bad one');
+is($node->safe_psql('postgres', q{
+		SELECT string_agg("offset"::text, ',' ORDER BY "offset") FROM kafka_bridge.dead_letters
+		WHERE topic = 'regress_dl_burst_h' AND reason ~ 'invalid input syntax for type integer'}),
+	join(',', @burst_h_bad), 'and each bad one is a dead letter at its offset');
+
+# ---- an apply_role without the rights ----
+
+kafka_produce('regress_dl_guarded', { key => '{"id":1}', value => '{"event":"GUARDED-PUT","row":{"id":1,"v":"a"}}' });
+$node->safe_psql('postgres', q{
+	SELECT kafka_bridge.subscribe('regress_guarded', topic => 'regress_dl_guarded', event_prefix => 'GUARDED',
+		apply_role => 'regress_reader');
+});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 1 FROM kafka_bridge.dead_letters WHERE topic = 'regress_dl_guarded'}),
+	'apply_role without INSERT: the record is a dead letter');
+like($node->safe_psql('postgres', q{SELECT reason FROM kafka_bridge.dead_letters WHERE topic = 'regress_dl_guarded'}),
+	qr/permission denied/, 'which says permission denied');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM regress_guarded'), '0', 'and the row is not there');
+$node->safe_psql('postgres', 'GRANT INSERT, UPDATE, DELETE ON regress_guarded TO regress_reader');
+kafka_produce('regress_dl_guarded', { key => '{"id":2}', value => '{"event":"GUARDED-PUT","row":{"id":2,"v":"b"}}' });
+ok($node->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_guarded WHERE id = 2'),
+	'once granted the rights, the next record is applied');
+
+# ---- after a restart, nothing is dead-lettered or applied again ----
+
+my $dead = $node->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters');
+$node->restart;
+kafka_produce($topic, envelope(row => { id => 12, name => 'After restart' }));
+ok($node->poll_query_until('postgres', 'SELECT count(*) = 1 FROM client WHERE id = 12'),
+	'after a restart the applier resumes with the next record');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters'), $dead,
+	'and writes no dead letter twice');
+is($node->safe_psql('postgres', q{SELECT string_agg(id::text, ',' ORDER BY id) FROM client}),
+	'1,2,4,5,8,11,12', 'and applies nothing again');
 
 $node->stop;
 done_testing();
