@@ -316,5 +316,26 @@ for my $side (qw(A B))
 		qr/^connected true true$/, "$side: the applier's status row is connected and counts applied events");
 }
 
+# ---- a TRUNCATE is applied, and not echoed either ----
+
+$node{A}->safe_psql('postgres', 'TRUNCATE client');
+ok($node{B}->poll_query_until('postgres', 'SELECT count(*) = 0 FROM client'), "B: A's TRUNCATE empties B's table");
+$node{B}->safe_psql('postgres', "INSERT INTO client VALUES ($range{B}[1], 'after the truncate', NULL, NULL, NULL, 0)");
+ok($node{A}->poll_query_until('postgres', "SELECT count(*) = 1 FROM client WHERE id = $range{B}[1]"),
+	"A: B's insert after the TRUNCATE arrives");
+for my $side (qw(A B))
+{
+	my $lsn = $node{$side}->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
+	ok($node{$side}->poll_query_until('postgres', qq{
+			SELECT confirmed_flush_lsn >= '$lsn' FROM pg_replication_slots
+			WHERE slot_name = 'kafka_bridge_' || (SELECT oid FROM pg_database WHERE datname = current_database())}),
+		"$side: the publisher is past the TRUNCATE");
+}
+@records = kafka_records($topic);
+is(join(', ', map { ($_->{headers}{event} // '?') . ' from ' . ($_->{headers}{origin} // '?') } @records[ $total .. $#records ]),
+	'CLIENT-TRUNCATE from A, CLIENT-PUT from B',
+	'the topic got the TRUNCATE from A and the insert from B, nothing from the TRUNCATE applied on B');
+is(kb_md5($node{A}, 'client'), kb_md5($node{B}, 'client'), 'A and B hold the same row');
+
 $node{$_}->stop for qw(A B);
 done_testing();

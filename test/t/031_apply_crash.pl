@@ -3,7 +3,11 @@
 # them.  After the restart B holds exactly A's rows, and an ENABLE ALWAYS
 # trigger on B's table, which logs every applied row in the applying
 # transaction, logged each event exactly once: nothing was applied twice
-# and nothing was skipped.
+# and nothing was skipped.  Then A's postmaster is killed while it
+# writes and publishes up to 200k more inserts, one a transaction, that B
+# applies as they come: the publisher
+# sends again what Kafka had not confirmed, and B still applies each
+# event once.
 use strict;
 use warnings;
 
@@ -112,6 +116,58 @@ is($node_b->safe_psql('postgres', q{
 is($node_b->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters'), '0', 'no dead letters');
 like($node_b->safe_psql('postgres', "SELECT state FROM kafka_bridge.status WHERE worker = 'applier'"),
 	qr/^connected$/, "B: the applier's status is connected after the restart");
+
+# ---- A crashes while publishing: the replayed records are not applied again ----
+
+$node_a->safe_psql('postgres', q{
+	CREATE PROCEDURE regress_fill_more(first int, n int) LANGUAGE plpgsql AS $$
+	BEGIN
+	  FOR g IN first .. first + n - 1 LOOP
+	    INSERT INTO client VALUES (g, 'client ' || g, g * 1.5, date '2024-01-01' + g % 1000);
+	    COMMIT;
+	  END LOOP;
+	END $$;
+});
+my $writer = $node_a->background_psql('postgres', on_error_stop => 0);
+$writer->query_until(qr/start/, qq{
+	\\echo start
+	CALL regress_fill_more($events + 1, 2 * $events);
+});
+ok($node_a->poll_query_until('postgres',
+		"SELECT sum(events_published) > $events + 20000 FROM kafka_bridge.status"),
+	'A: publishing more inserts is under way');
+$node_a->kill9;
+eval { $writer->quit };
+$started = 0;
+for (my $i = 0; $i < 120 && !$started; $i++)
+{
+	$started = $node_a->start(fail_ok => 1);
+	next if $started;
+	$node_a->{_pid} = undef;
+	sleep 1;
+}
+ok($started, 'A: restarts after the crash');
+my $committed = $node_a->safe_psql('postgres', 'SELECT count(*) FROM client');
+# (the backend running CALL does not notice the postmaster's death and
+# finishes it: the publisher has the rows written after the crash to send)
+ok($committed > $events + 20000, "A: $committed rows committed");
+
+ok($node_b->poll_query_until('postgres', "SELECT count(*) = $committed FROM client"),
+	"B: applies every row A committed ($committed)");
+ok($node_b->poll_query_until('postgres', qq{
+		SELECT sum(lag) = 0 FROM kafka_bridge.subscription_status WHERE topic = '$topic'}),
+	'B: consumed the whole topic');
+my $records = $node_b->safe_psql('postgres', qq{
+	SELECT sum(next_offset) || ' records, ' || sum(applied) || ' applied, ' || sum(skipped) || ' skipped'
+	FROM kafka_bridge.subscription_status WHERE topic = '$topic'});
+diag("after A's crash: $committed rows, topic: $records (skipped: the replays)");
+is(kb_md5($node_b, 'client'), kb_md5($node_a, 'client'), 'B holds exactly the rows of A');
+is($node_b->safe_psql('postgres', q{
+		SELECT count(*) || ' ' || count(DISTINCT id) || ' ' || count(*) FILTER (WHERE op <> 'INSERT')
+		FROM regress_apply_log}),
+	"$committed $committed 0",
+	'the trigger logged one insert per row: the replayed records were not applied again');
+is($node_b->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters'), '0', 'no dead letters');
 
 $node_b->stop;
 $node_a->stop;
