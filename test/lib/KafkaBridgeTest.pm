@@ -218,7 +218,7 @@ sub kb_md5
 	my ($node, $table, $order) = @_;
 	$order //= 'id';
 	return $node->safe_psql('postgres',
-		"SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY $order)), '') FROM $table t");
+		"SELECT count(*) || ':' || coalesce(md5(string_agg(kb_row::text, ',' ORDER BY $order)), '') FROM $table kb_row");
 }
 
 # The applier's row of kafka_bridge.status, as a hash (pid 0 when it has none).
