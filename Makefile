@@ -7,7 +7,7 @@ OBJS = $(patsubst %.c,%.o,$(wildcard src/*.c))
 EXTENSION = kafka_bridge
 DATA = $(wildcard kafka_bridge--*.sql)
 
-REGRESS = settings status publish decoder send
+REGRESS = settings status publish decoder send subscribe
 REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=./tmp_check
 
 PG_CONFIG ?= pg_config

@@ -287,7 +287,9 @@ COMMENT ON VIEW kafka_bridge.subscription_status IS
 'per subscribed table and partition: next offset, lag behind the partition end, counts of records consumed, applied, skipped and dead-lettered, last error';
 
 -- The subscriptions and the offsets say what gets written into which table:
--- only superusers and roles an administrator grants the functions to.
+-- only superusers and roles an administrator grants the functions to.  The
+-- dead letters hold the rows of the records set aside: not even monitoring
+-- roles read them unless granted.
 REVOKE ALL ON kafka_bridge.subscriptions FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.apply_progress FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.apply_origins FROM PUBLIC;
@@ -299,4 +301,3 @@ REVOKE ALL ON FUNCTION kafka_bridge.unsubscribe(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.sync(regclass, text, text, text) FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.subscribed_tables TO pg_monitor;
 GRANT SELECT ON kafka_bridge.subscription_status TO pg_monitor;
-GRANT SELECT ON kafka_bridge.dead_letters TO pg_monitor;

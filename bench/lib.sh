@@ -4,7 +4,10 @@
 #
 # A benchmark sets BENCH (its file name) and sources this file with its own
 # arguments; afterwards WORK, BOOTSTRAP, RESULTS_DIR and PGHOST / PGPORT /
-# PGDATABASE are set, and say, sql, now and published are defined.
+# PGDATABASE are set, and say, sql, now, published and start_instance are
+# defined.  BENCH_PG_SETTINGS, set before sourcing, holds extra
+# postgresql.conf lines for every instance; start_instance starts more
+# instances (bench/apply runs two).
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PGBIN=/usr/lib/postgresql/15/bin
@@ -38,8 +41,13 @@ PGDATA=$WORK/pg
 PGPORT=$((20000 + RANDOM % 10000))
 export PGHOST=$WORK PGPORT PGDATABASE=bench
 
+INSTANCES=()	# data directories of the instances started, stopped at exit
+
 cleanup() {
-	pg_ctl -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true
+	local dir
+	for dir in "${INSTANCES[@]}"; do
+		pg_ctl -D "$dir" -m immediate stop >/dev/null 2>&1 || true
+	done
 	"$REPO/scripts/kafka" stop --wipe >/dev/null 2>&1 || true
 	rm -rf "$WORK"
 }
@@ -54,21 +62,31 @@ published() { sql "SELECT coalesce(sum(events_published), 0) FROM kafka_bridge.w
 BOOTSTRAP=$("$REPO/scripts/kafka" start --port 29092 | tail -n 1)
 say "broker: $BOOTSTRAP"
 
-initdb -D "$PGDATA" -A trust -N >/dev/null
-{
-	echo "port = $PGPORT"
-	echo "unix_socket_directories = '$WORK'"
-	echo "listen_addresses = ''"
-	echo "shared_preload_libraries = 'kafka_bridge'"
-	echo "wal_level = logical"
-	echo "max_wal_size = 4GB"
-	echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json, kafka_bridge'"
-	echo "kafka_bridge.bootstrap_servers = '$BOOTSTRAP'"
-	echo "kafka_bridge.databases = 'bench'"
-	echo "kafka_bridge.instance_id = 'bench'"
-	echo "kafka_bridge.producer_options = 'linger.ms=5'"
-} >>"$PGDATA/postgresql.conf"
-pg_ctl -D "$PGDATA" -l "$WORK/pg.log" -w start >/dev/null
-createdb bench
-sql "CREATE EXTENSION kafka_bridge"
-until [ "$(sql "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'")" = 1 ]; do sleep 0.2; done
+# start_instance DATADIR PORT INSTANCE_ID: a PostgreSQL instance listening
+# on PORT (socket in WORK, log in DATADIR.log) with kafka_bridge serving
+# database "bench" under INSTANCE_ID, once its publisher holds its slot
+start_instance() {
+	local dir=$1 port=$2 id=$3
+	initdb -D "$dir" -A trust -N >/dev/null
+	{
+		echo "port = $port"
+		echo "unix_socket_directories = '$WORK'"
+		echo "listen_addresses = ''"
+		echo "shared_preload_libraries = 'kafka_bridge'"
+		echo "wal_level = logical"
+		echo "max_wal_size = 4GB"
+		echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json, kafka_bridge'"
+		echo "kafka_bridge.bootstrap_servers = '$BOOTSTRAP'"
+		echo "kafka_bridge.databases = 'bench'"
+		echo "kafka_bridge.instance_id = '$id'"
+		echo "kafka_bridge.producer_options = 'linger.ms=5'"
+		if [ -n "${BENCH_PG_SETTINGS:-}" ]; then printf '%s\n' "$BENCH_PG_SETTINGS"; fi
+	} >>"$dir/postgresql.conf"
+	INSTANCES+=("$dir")
+	pg_ctl -D "$dir" -l "$dir.log" -w start >/dev/null
+	PGPORT=$port createdb bench
+	PGPORT=$port sql "CREATE EXTENSION kafka_bridge"
+	until [ "$(PGPORT=$port sql "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'")" -ge 1 ]; do sleep 0.2; done
+}
+
+start_instance "$PGDATA" "$PGPORT" bench

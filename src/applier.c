@@ -56,13 +56,14 @@
 #include "utils/memutils.h"
 #include "utils/pg_lsn.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "apply.h"
 #include "kafka_bridge.h"
 
-/* how long one batch may gather records */
-#define KB_BATCH_MS 20
+/* how long one batch may gather records while they keep coming */
+#define KB_BATCH_MS 100
 /* longest wait for a record, so the loop still sees signals and reloads */
 #define KB_POLL_MS 100
 /* metadata (partitions of the subscribed topics) refresh */
@@ -121,6 +122,7 @@ typedef struct Applier
 	int			backoff_ms;
 	RepOriginId origin;
 	MemoryContext record_cxt;	/* reset after each record */
+	bool		busy;			/* the last batch had records */
 } Applier;
 
 static Applier ap;
@@ -202,6 +204,19 @@ check_subscriptions(void)
 			elog(ERROR, "SPI_connect failed");
 		MemoryContextSwitchTo(cxt);
 		subs = kb_load_subscriptions();
+		foreach(lc, subs)
+		{
+			KbSubscription *s = lfirst(lc);
+
+			if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->apply_role)))
+			{
+				/* its topic is left alone: nothing is lost, it waits */
+				kb_status_set_error(ap.slot, KB_STATE_ERROR,
+									"the subscription of topic \"%s\" applies as a role that no longer exists: subscribe its table again with an existing apply_role",
+									s->topic);
+				subs = foreach_delete_current(subs, lc);
+			}
+		}
 		SPI_finish();
 		PopActiveSnapshot();
 		if (ap.origin == InvalidRepOriginId)
@@ -229,6 +244,7 @@ check_subscriptions(void)
 	{
 		KbSubscription *s = lfirst(lc);
 
+
 		appendStringInfo(&sig, "%u|%s|%d|%s|%u;", s->relid, s->topic, (int) s->format,
 						 s->event_prefix, s->apply_role);
 	}
@@ -255,8 +271,9 @@ check_subscriptions(void)
 	MemoryContextSwitchTo(cxt);
 	if (ap.subs != NIL)
 		ereport(LOG,
-				(errmsg("kafka_bridge applier for database \"%s\" applies %d subscribed topics",
-						ap.dbname, list_length(ap.subs))));
+				(errmsg_plural("kafka_bridge applier for database \"%s\" applies %d subscribed topic",
+							   "kafka_bridge applier for database \"%s\" applies %d subscribed topics",
+							   list_length(ap.subs), ap.dbname, list_length(ap.subs))));
 }
 
 /* Load a partition's stored offset and origin marks (SPI connected). */
@@ -672,7 +689,6 @@ is_transient(int sqlerrcode)
 		case ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES):
 		case ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION):
 		case ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR):
-		case ERRCODE_TO_CATEGORY(ERRCODE_INTERNAL_ERROR):
 		case ERRCODE_TO_CATEGORY(ERRCODE_CONNECTION_EXCEPTION):
 			return true;
 	}
@@ -687,6 +703,7 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 	KbRecord	rec = {0};
 	rd_kafka_headers_t *hdrs = NULL;
 	char	   *text;
+	char	   *seq_text;
 	char	   *reason = NULL;
 	KbApplyOutcome outcome;
 	MemoryContext cxt = CurrentMemoryContext;
@@ -705,15 +722,21 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 
 		rec.origin = header_text(hdrs, KB_HEADER_ORIGIN);
 		text = header_text(hdrs, KB_HEADER_LSN);
-		if (text && sscanf(text, "%X/%X", &hi, &lo) == 2)
+		seq_text = header_text(hdrs, KB_HEADER_SEQ);
+		/* a position is both: without its number a replay cannot be told */
+		if (text && seq_text && sscanf(text, "%X/%X", &hi, &lo) == 2)
+		{
 			rec.lsn = ((uint64) hi << 32) | lo;
-		text = header_text(hdrs, KB_HEADER_SEQ);
-		if (text)
-			rec.seq = (uint32) strtoul(text, NULL, 10);
+			rec.seq = (uint32) strtoul(seq_text, NULL, 10);
+		}
 	}
 
-	if (msg->payload != NULL && (rec.origin == NULL || strcmp(rec.origin, kb_instance_id()) != 0) &&
-		seen_before(ps, &rec))
+	if (rec.origin && strcmp(rec.origin, kb_instance_id()) == 0)
+	{
+		ps->skipped++;			/* this instance's own change, back */
+		return;
+	}
+	if (msg->payload != NULL && seen_before(ps, &rec))
 	{
 		ps->skipped++;
 		return;
@@ -731,7 +754,7 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 	{
 		/* an error here rolls the whole batch back, and the user with it */
 		SetUserIdAndSecContext(ps->sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-		outcome = kb_apply_record(ps->sub, &rec, &reason);
+		outcome = kb_apply_record(ps->sub, &rec, true, &reason);
 		SetUserIdAndSecContext(save_userid, save_sec);
 	}
 	else
@@ -741,7 +764,7 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 		PG_TRY();
 		{
 			SetUserIdAndSecContext(ps->sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-			outcome = kb_apply_record(ps->sub, &rec, &reason);
+			outcome = kb_apply_record(ps->sub, &rec, false, &reason);
 			SetUserIdAndSecContext(save_userid, save_sec);
 			ReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(cxt);
@@ -786,6 +809,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 	volatile bool ok = true;
 
 	batch_reset();
+	kb_apply_discard();
 	PG_TRY();
 	{
 		MemoryContext spi_cxt;
@@ -800,13 +824,20 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 			strlcpy(key.topic, rd_kafka_topic_name(msgs[i]->rkt), sizeof(key.topic));
 			key.partition = msgs[i]->partition;
 			ps = hash_search(ap.partitions, &key, HASH_FIND, NULL);
-			if (ps == NULL || ps->sub == NULL || msgs[i]->offset < ps->new_next)
-				continue;		/* not ours, or fetched twice */
+			if (ps == NULL || ps->sub == NULL)
+				continue;		/* no longer assigned */
+			if (msgs[i]->offset < ps->new_next && !careful)
+				ereport(LOG,
+						(errmsg("kafka_bridge applier reads partition %d of topic \"%s\" again from offset %lld, before its stored offset %lld",
+								key.partition, key.topic, (long long) msgs[i]->offset,
+								(long long) ps->new_next),
+						 errdetail("The topic was deleted and created again, or its records were deleted; records already applied are recognised by their origin and position.")));
 			MemoryContextSwitchTo(ap.record_cxt);
 			apply_one(ps, msgs[i], careful);
 			MemoryContextSwitchTo(spi_cxt);
 			MemoryContextReset(ap.record_cxt);
 		}
+		kb_apply_flush();
 		store_progress();
 		end_work();
 	}
@@ -817,6 +848,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 		*edata = CopyErrorData();
 		AbortOutOfAnyTransaction();
 		FlushErrorState();
+		kb_apply_discard();
 		RESUME_INTERRUPTS();
 		MemoryContextSwitchTo(cxt);
 		ok = false;
@@ -863,18 +895,19 @@ consume_batch(void)
 	ErrorData  *edata = NULL;
 	bool		ok;
 
-	while (n < max)
+	/* until the batch is full, old enough, or no record is coming */
+	while (n < max && (n == 0 || GetCurrentTimestamp() < deadline))
 	{
 		rd_kafka_message_t *msg = rd_kafka_consumer_poll(rk, n == 0 ? KB_POLL_MS : 0);
 
 		if (msg == NULL)
 		{
-			if (n == 0 || GetCurrentTimestamp() >= deadline)
+			if (n == 0)
 				break;
-			/* more may be on their way: wait a little, within the batch time */
+			/* more may be on their way: a millisecond, then apply what came */
 			msg = rd_kafka_consumer_poll(rk, 1);
 			if (msg == NULL)
-				continue;
+				break;
 		}
 		if (msg->err)
 		{
@@ -902,6 +935,9 @@ consume_batch(void)
 	if (!ok && !is_transient(edata->sqlerrcode))
 	{
 		/* some record is refused: again one by one, the bad ones set aside */
+		ereport(DEBUG1,
+				(errmsg_internal("kafka_bridge applier applies a batch of %d records one by one", n),
+				 errdetail_internal("%s", edata->message)));
 		ok = apply_batch(msgs, n, true, &edata);
 	}
 	if (ok)
@@ -1037,7 +1073,17 @@ kb_applier_loop(int status_slot, const char *dbname)
 				}
 			}
 			if (ap.client && ap.npartitions > 0)
+			{
 				consumed = consume_batch();
+				if (consumed > 0 && !ap.busy)
+					report(kb_status_slot(ap.slot)->state, "applying records");
+				else if (consumed == 0 && ap.busy &&
+						 kb_status_slot(ap.slot)->state == KB_STATE_CONNECTED)
+					report(KB_STATE_CONNECTED,
+						   psprintf("waiting for records in %d partitions of %d topics",
+									ap.npartitions, list_length(ap.subs)));
+				ap.busy = (consumed > 0);
+			}
 		}
 		if (ap.client)
 			kb_kafka_client_poll(ap.client);

@@ -29,9 +29,12 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "access/stratnum.h"
+#include "common/hashfn.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
+#include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -43,6 +46,7 @@
 typedef enum PlanKind
 {
 	PLAN_UPSERT,
+	PLAN_UPSERT_MANY,			/* one row per element of array parameters */
 	PLAN_UPDATE,				/* the event leaves some columns unchanged */
 	PLAN_DELETE
 } PlanKind;
@@ -56,6 +60,11 @@ typedef struct ApplyColumn
 	FmgrInfo	input;
 	Oid			ioparam;
 	bool		is_array;		/* JSON arrays become array literals */
+	bool		is_json;		/* json or jsonb (or an array of them): JSON strings stay quoted */
+	Oid			array_type;		/* for PLAN_UPSERT_MANY, or InvalidOid */
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
 	bool		writable;		/* not a generated column */
 	int			key_pos;		/* position in the key, or -1 */
 	char	   *eq_operator;	/* key columns: OPERATOR(schema.=) */
@@ -79,12 +88,15 @@ typedef struct ApplyTable
 	int			nkeys;
 	int		   *keys;			/* column indexes, in key order */
 	bool		identity_always;	/* inserts need OVERRIDING SYSTEM VALUE */
+	bool		many_ok;		/* every column has an array type: PLAN_UPSERT_MANY */
 	List	   *plans;			/* ApplyPlan */
 	List	   *ignored;		/* member names already logged as no column */
 } ApplyTable;
 
 static HTAB *apply_tables = NULL;
 static const char *current_column = NULL;
+
+static void chunk_forget_table(struct ApplyTable *t);
 
 const char *
 kb_apply_current_column(void)
@@ -103,6 +115,7 @@ free_table(ApplyTable *t)
 		MemoryContextDelete(t->cxt);
 	t->cxt = NULL;
 	t->plans = NIL;
+	t->ignored = NIL;			/* it lived in t->cxt */
 	t->valid = false;
 }
 
@@ -129,6 +142,7 @@ kb_apply_reset(void)
 
 	if (apply_tables == NULL)
 		return;
+	kb_apply_discard();
 	hash_seq_init(&status, apply_tables);
 	while ((t = hash_seq_search(&status)) != NULL)
 	{
@@ -196,6 +210,7 @@ build_table(ApplyTable *t)
 	t->columns = palloc0(sizeof(ApplyColumn) * Max(desc->natts, 1));
 	t->ncolumns = 0;
 	t->identity_always = false;
+	t->many_ok = true;
 	for (int i = 0; i < desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, i);
@@ -212,9 +227,19 @@ build_table(ApplyTable *t)
 		getTypeInputInfo(att->atttypid, &infunc, &c->ioparam);
 		fmgr_info_cxt(infunc, &c->input, t->cxt);
 		c->is_array = OidIsValid(get_element_type(getBaseType(att->atttypid)));
+		{
+			Oid			base = getBaseType(c->is_array ? get_element_type(getBaseType(att->atttypid))
+											   : att->atttypid);
+
+			c->is_json = (base == JSONOID || base == JSONBOID);
+		}
 		c->writable = (att->attgenerated == '\0');
+		get_typlenbyvalalign(att->atttypid, &c->typlen, &c->typbyval, &c->typalign);
+		/* an array column's array type would be its own: unnest flattens it */
+		c->array_type = c->is_array ? InvalidOid : get_array_type(att->atttypid);
 		c->key_pos = -1;
 		t->identity_always |= (att->attidentity == ATTRIBUTE_IDENTITY_ALWAYS);
+		t->many_ok &= (!c->writable || OidIsValid(c->array_type));
 	}
 
 	indtup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(index));
@@ -265,6 +290,7 @@ get_table(Oid relid)
 	}
 	if (!t->valid)
 	{
+		chunk_forget_table(t);
 		free_table(t);
 		build_table(t);
 	}
@@ -298,11 +324,12 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 	while ((col = bms_next_member(columns, col)) >= 0)
 	{
 		param_of[col] = ++nparams;
-		types[nparams - 1] = t->columns[col].typid;
+		types[nparams - 1] = kind == PLAN_UPSERT_MANY ? t->columns[col].array_type
+			: t->columns[col].typid;
 	}
 
 	initStringInfo(&sql);
-	if (kind == PLAN_UPSERT)
+	if (kind == PLAN_UPSERT || kind == PLAN_UPSERT_MANY)
 	{
 		bool		any_set = false;
 
@@ -313,9 +340,11 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 			appendStringInfo(&sql, "%s%s", first ? "" : ", ", quote_identifier(t->columns[col].name));
 			first = false;
 		}
-		appendStringInfoString(&sql, t->identity_always ? ") OVERRIDING SYSTEM VALUE VALUES (" : ") VALUES (");
+		appendStringInfoString(&sql, t->identity_always ? ") OVERRIDING SYSTEM VALUE " : ") ");
+		appendStringInfoString(&sql, kind == PLAN_UPSERT_MANY ? "SELECT * FROM ROWS FROM (" : "VALUES (");
 		for (int i = 1; i <= nparams; i++)
-			appendStringInfo(&sql, "%s$%d", i > 1 ? ", " : "", i);
+			appendStringInfo(&sql, kind == PLAN_UPSERT_MANY ? "%spg_catalog.unnest($%d)" : "%s$%d",
+							 i > 1 ? ", " : "", i);
 		appendStringInfoString(&sql, ") ON CONFLICT (");
 		for (int k = 0; k < t->nkeys; k++)
 			appendStringInfo(&sql, "%s%s", k > 0 ? ", " : "",
@@ -364,7 +393,7 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 	else
 		appendStringInfo(&sql, "DELETE FROM %s", t->name);
 
-	if (kind != PLAN_UPSERT)
+	if (kind == PLAN_UPDATE || kind == PLAN_DELETE)
 	{
 		appendStringInfoString(&sql, " WHERE ");
 		for (int k = 0; k < t->nkeys; k++)
@@ -413,11 +442,20 @@ column_value(ApplyColumn *c, KbJsonField *f, bool *isnull)
 	if (*isnull)
 		return (Datum) 0;
 	current_column = c->name;
-	if (f->type == JSON_TOKEN_ARRAY_START && c->is_array)
+	if (f->type == JSON_TOKEN_STRING && c->is_json && !c->is_array)
+	{
+		/* a JSON string is the value: give the type its JSON text */
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		escape_json(&buf, f->text);
+		text = buf.data;
+	}
+	else if (f->type == JSON_TOKEN_ARRAY_START && c->is_array)
 	{
 		char	   *error;
 
-		text = kb_json_array_to_literal(f->text, &error);
+		text = kb_json_array_to_literal(f->text, c->is_json, &error);
 		if (text == NULL)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
@@ -483,8 +521,186 @@ truncate_table(ApplyTable *t)
 		elog(ERROR, "TRUNCATE %s failed: %s", t->name, SPI_result_code_string(rc));
 }
 
+
+/*
+ * ---- PUTs applied many at a time ----
+ *
+ * Consecutive PUTs of one table that give the same columns are gathered
+ * and applied by one INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT,
+ * which starts the executor once for the lot instead of once per row.  The
+ * statement may not meet one key twice, so a PUT of a key already gathered
+ * applies the gathered rows first; so does any other event, which keeps
+ * every table's changes in their order.
+ */
+#define CHUNK_MAX 1000
+#define CHUNK_HASH_SLOTS 4096	/* a power of two, > 2 * CHUNK_MAX */
+
+typedef struct PendingChunk
+{
+	ApplyTable *table;
+	Oid			apply_role;
+	Bitmapset  *columns;
+	int			ncolumns;
+	int		   *column_index;	/* into table->columns */
+	Datum	   *values;			/* [column][row] */
+	bool	   *nulls;
+	int			nrows;
+	uint64		key_hashes[CHUNK_HASH_SLOTS];	/* 0: empty */
+} PendingChunk;
+
+static PendingChunk chunk;
+static MemoryContext chunk_cxt = NULL;
+
+static void
+chunk_reset(void)
+{
+	if (chunk_cxt == NULL)
+		chunk_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge pending rows",
+										  ALLOCSET_DEFAULT_SIZES);
+	MemoryContextReset(chunk_cxt);
+	chunk.table = NULL;
+	chunk.columns = NULL;
+	chunk.nrows = 0;
+	memset(chunk.key_hashes, 0, sizeof(chunk.key_hashes));
+}
+
+/*
+ * A table is about to be rebuilt (ALTER TABLE): apply its gathered rows
+ * first, with the plans made for them.
+ */
+static void
+chunk_forget_table(ApplyTable *t)
+{
+	if (chunk.table == t)
+	{
+		t->valid = true;
+		kb_apply_flush();
+		t->valid = false;
+	}
+}
+
+/* Forget rows gathered by a batch that rolled back. */
+void
+kb_apply_discard(void)
+{
+	chunk_reset();
+}
+
+/* Apply the gathered rows, as their apply role. */
+void
+kb_apply_flush(void)
+{
+	ApplyTable *t = chunk.table;
+	Datum	   *arrays;
+	Oid			save_userid;
+	int			save_sec;
+	int			rc;
+	int			dims[1];
+	int			lbs[1] = {1};
+
+	if (t == NULL || chunk.nrows == 0)
+	{
+		chunk_reset();
+		return;
+	}
+	dims[0] = chunk.nrows;
+	arrays = palloc(sizeof(Datum) * chunk.ncolumns);
+	for (int j = 0; j < chunk.ncolumns; j++)
+	{
+		ApplyColumn *c = &t->columns[chunk.column_index[j]];
+
+		arrays[j] = PointerGetDatum(construct_md_array(chunk.values + (size_t) j * CHUNK_MAX,
+													   chunk.nulls + (size_t) j * CHUNK_MAX,
+													   1, dims, lbs, c->typid,
+													   c->typlen, c->typbyval, c->typalign));
+	}
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(chunk.apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	rc = SPI_execute_plan(get_plan(t, PLAN_UPSERT_MANY, chunk.columns), arrays, NULL, false, 0);
+	SetUserIdAndSecContext(save_userid, save_sec);
+	if (rc < 0)
+		elog(ERROR, "applying events to %s failed: %s", t->name, SPI_result_code_string(rc));
+	chunk_reset();
+}
+
+static uint64
+key_hash(ApplyTable *t, KbJsonObject *row)
+{
+	uint64		h = 0;
+
+	for (int k = 0; k < t->nkeys; k++)
+	{
+		KbJsonField *f = kb_json_find(row, t->columns[t->keys[k]].name);
+
+		h = hash_combine64(h, hash_bytes_extended((const unsigned char *) f->text,
+												  strlen(f->text), k));
+	}
+	return h == 0 ? 1 : h;
+}
+
+/* Whether the key is gathered already; if not, remember it. */
+static bool
+chunk_has_key(uint64 h)
+{
+	for (int i = h & (CHUNK_HASH_SLOTS - 1);; i = (i + 1) & (CHUNK_HASH_SLOTS - 1))
+	{
+		if (chunk.key_hashes[i] == h)
+			return true;
+		if (chunk.key_hashes[i] == 0)
+		{
+			chunk.key_hashes[i] = h;
+			return false;
+		}
+	}
+}
+
+/* Gather a PUT (the caller checked it gives every key column). */
+static void
+chunk_add(ApplyTable *t, Oid apply_role, Bitmapset *columns, KbJsonObject *row)
+{
+	MemoryContext old;
+	int			j = 0;
+	int			col = -1;
+
+	if (chunk.table != t || chunk.apply_role != apply_role ||
+		!bms_equal(chunk.columns, columns) || chunk.nrows == CHUNK_MAX)
+		kb_apply_flush();
+	if (chunk.nrows > 0 && chunk_has_key(key_hash(t, row)))
+	{
+		kb_apply_flush();
+		(void) chunk_has_key(key_hash(t, row));
+	}
+	else if (chunk.nrows == 0)
+		(void) chunk_has_key(key_hash(t, row));
+
+	old = MemoryContextSwitchTo(chunk_cxt);
+	if (chunk.table == NULL)
+	{
+		chunk.table = t;
+		chunk.apply_role = apply_role;
+		chunk.columns = bms_copy(columns);
+		chunk.ncolumns = bms_num_members(columns);
+		chunk.column_index = palloc(sizeof(int) * chunk.ncolumns);
+		while ((col = bms_next_member(columns, col)) >= 0)
+			chunk.column_index[j++] = col;
+		chunk.values = palloc(sizeof(Datum) * chunk.ncolumns * CHUNK_MAX);
+		chunk.nulls = palloc(sizeof(bool) * chunk.ncolumns * CHUNK_MAX);
+	}
+	for (j = 0; j < chunk.ncolumns; j++)
+	{
+		ApplyColumn *c = &t->columns[chunk.column_index[j]];
+		bool		isnull;
+		Datum		d = column_value(c, kb_json_find(row, c->name), &isnull);
+
+		chunk.values[(size_t) j * CHUNK_MAX + chunk.nrows] = d;
+		chunk.nulls[(size_t) j * CHUNK_MAX + chunk.nrows] = isnull;
+	}
+	chunk.nrows++;
+	MemoryContextSwitchTo(old);
+}
+
 KbApplyOutcome
-kb_apply_record(KbSubscription *sub, KbRecord *rec, char **reason)
+kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 {
 	rd_kafka_message_t *msg = rec->msg;
 	KbJsonObject env;
@@ -510,7 +726,7 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, char **reason)
 	PlanKind	plan_kind;
 
 	current_column = NULL;
-	if (msg->payload == NULL)
+	if (msg->payload == NULL && sub->format == KB_FORMAT_ENVELOPE)
 		return KB_APPLY_SKIPPED;	/* a tombstone: the DELETE did the work */
 	if (rec->origin && strcmp(rec->origin, kb_instance_id()) == 0)
 		return KB_APPLY_SKIPPED;	/* this instance's own change */
@@ -550,6 +766,7 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, char **reason)
 	t = get_table(sub->relid);
 	if (kind == EV_TRUNCATE)
 	{
+		kb_apply_flush();
 		truncate_table(t);
 		return KB_APPLY_APPLIED;
 	}
@@ -572,6 +789,8 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, char **reason)
 	}
 	else
 	{
+		if (msg->payload == NULL)
+			return reject(reason, "the %s record has no value: in the flat format the value is the row", event);
 		error = kb_json_parse_object(msg->payload, msg->len, &row, NULL, NULL, NULL);
 		if (error)
 			return reject(reason, "the record value is not a row: %s", error);
@@ -626,6 +845,13 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, char **reason)
 		if (!bms_is_member(t->keys[k], columns))
 			columns = bms_add_member(columns, t->keys[k]);
 	}
+
+	if (gather && kind == EV_PUT && unchanged == NIL && t->many_ok)
+	{
+		chunk_add(t, sub->apply_role, columns, &row);
+		return KB_APPLY_APPLIED;
+	}
+	kb_apply_flush();
 
 	/* the values, in column order: each through its type's input function */
 	{

@@ -76,9 +76,10 @@ extern KbJsonField *kb_json_find(KbJsonObject *obj, const char *name);
 
 /*
  * A JSON array as a PostgreSQL array literal ("[1,[2]]" -> "{1,{2}}");
- * NULL and *error set when it is no array of arrays and scalars.
+ * NULL and *error set when it is no array of arrays and scalars.  With
+ * json_elements (json[], jsonb[]) string elements keep their JSON quotes.
  */
-extern char *kb_json_array_to_literal(char *json, char **error);
+extern char *kb_json_array_to_literal(char *json, bool json_elements, char **error);
 
 /* The strings of a JSON array of strings; false when it is not one. */
 extern bool kb_json_string_array(char *json, List **strings);
@@ -105,10 +106,19 @@ typedef struct KbRecord
  * Apply one record of a subscribed topic to its table.  Raises an error
  * when PostgreSQL refuses the change (the caller decides whether that is
  * the event's fault); returns KB_APPLY_REJECTED with *reason when the
- * event itself is malformed.  Runs as the subscription's apply role.
+ * event itself is malformed.  The caller runs it as the subscription's
+ * apply role.
  */
 extern KbApplyOutcome kb_apply_record(KbSubscription *sub, KbRecord *rec,
-									  char **reason);
+									  bool gather, char **reason);
+
+/*
+ * With gather, kb_apply_record may keep a PUT to apply later with others:
+ * kb_apply_flush() applies what is kept (before the transaction commits),
+ * kb_apply_discard() forgets it (after a rollback).
+ */
+extern void kb_apply_flush(void);
+extern void kb_apply_discard(void);
 
 /* The column being converted when an error is raised, or NULL. */
 extern const char *kb_apply_current_column(void);

@@ -15,6 +15,7 @@
 
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
+#include "utils/json.h"
 
 #include "apply.h"
 
@@ -185,7 +186,7 @@ kb_json_parse_object(char *json, int len, KbJsonObject *obj,
 	if (inner)
 		memset(inner, 0, sizeof(*inner));
 	if (!pg_verifymbstr(json, len, true))
-		return pstrdup("not valid UTF-8");
+		return psprintf("not valid in the database encoding (%s)", GetDatabaseEncodingName());
 
 	p.lex = makeJsonLexContextCstringLen(json, len, GetDatabaseEncoding(), true);
 	p.obj = obj;
@@ -230,6 +231,7 @@ typedef struct ArrayParse
 	int			elements[MAX_NESTING + 1];	/* written at each depth */
 	char	   *object_start;	/* an object element being skipped over */
 	int			object_depth;
+	bool		json_elements;	/* json[]/jsonb[]: strings keep their quotes */
 	char	   *error;
 } ArrayParse;
 
@@ -323,12 +325,20 @@ arr_scalar(void *state, char *token, JsonTokenType type)
 		a->error = "a JSON array was expected";
 	else if (type == JSON_TOKEN_NULL)
 		appendStringInfoString(&a->out, "NULL");
+	else if (type == JSON_TOKEN_STRING && a->json_elements)
+	{
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		escape_json(&buf, token);
+		append_quoted(&a->out, buf.data, buf.len);
+	}
 	else
 		append_quoted(&a->out, token, strlen(token));
 }
 
 char *
-kb_json_array_to_literal(char *json, char **error)
+kb_json_array_to_literal(char *json, bool json_elements, char **error)
 {
 	ArrayParse a = {0};
 	JsonSemAction sem = {0};
@@ -336,6 +346,7 @@ kb_json_array_to_literal(char *json, char **error)
 
 	a.lex = makeJsonLexContextCstringLen(json, strlen(json), GetDatabaseEncoding(), true);
 	initStringInfo(&a.out);
+	a.json_elements = json_elements;
 	sem.semstate = &a;
 	sem.array_start = arr_array_start;
 	sem.array_end = arr_array_end;

@@ -54,6 +54,8 @@ typedef struct PendingTxn
 	int64		outstanding;	/* records produced, not acknowledged */
 } PendingTxn;
 
+#define KB_TOPIC_HANDLES 32
+
 struct KbPublisher
 {
 	int			status_slot;
@@ -70,6 +72,14 @@ struct KbPublisher
 	TimestampTz saved_at;
 	bool		failed;			/* a delivery failed: start again */
 	char		failure[512];
+	/* topic handles, so that producing does not look each topic up by name */
+	int			ntopics;
+	struct
+	{
+		char		name[256];
+		int			len;
+		rd_kafka_topic_t *rkt;
+	}			topics[KB_TOPIC_HANDLES];
 };
 
 /* the delivery-report callback has no other way to find its publisher */
@@ -115,6 +125,38 @@ prepare_write(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
 	resetStringInfo(ctx->out);
 }
 
+/*
+ * The handle of a topic, kept for the publisher's life (the least recently
+ * added one goes when there are too many).
+ */
+static rd_kafka_topic_t *
+topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len)
+{
+	int			i;
+
+	for (i = 0; i < pub->ntopics; i++)
+		if (pub->topics[i].len == len && memcmp(pub->topics[i].name, name, len) == 0)
+			return pub->topics[i].rkt;
+	if (pub->ntopics == KB_TOPIC_HANDLES)
+	{
+		rd_kafka_topic_destroy(pub->topics[0].rkt);
+		memmove(&pub->topics[0], &pub->topics[1], sizeof(pub->topics[0]) * (KB_TOPIC_HANDLES - 1));
+		pub->ntopics--;
+	}
+	i = pub->ntopics++;
+	memcpy(pub->topics[i].name, name, len);
+	pub->topics[i].name[len] = '\0';
+	pub->topics[i].len = len;
+	pub->topics[i].rkt = rd_kafka_topic_new(rk, pub->topics[i].name, NULL);
+	if (pub->topics[i].rkt == NULL)
+	{
+		pub->ntopics--;
+		elog(ERROR, "could not create a handle for topic \"%s\": %s", pub->topics[i].name,
+			 rd_kafka_err2str(rd_kafka_last_error()));
+	}
+	return pub->topics[i].rkt;
+}
+
 /* Produce one record, waiting (and serving acknowledgements) while the queue is full. */
 static void
 produce_record(KbPublisher *pub, StringInfo frame)
@@ -127,7 +169,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 	int			value_len = pq_getmsgint(frame, 4);
 	const char *value = value_len >= 0 ? pq_getmsgbytes(frame, value_len) : NULL;
 	int			nheaders = pq_getmsgint(frame, 2);
-	char		topic_name[256];
+	rd_kafka_topic_t *rkt;
 	bool		waiting = false;
 	rd_kafka_headers_t *headers = nheaders > 0 ? rd_kafka_headers_new(nheaders) : NULL;
 	rd_kafka_resp_err_t err;
@@ -141,10 +183,9 @@ produce_record(KbPublisher *pub, StringInfo frame)
 
 		rd_kafka_header_add(headers, name, name_len, hv, hv_len >= 0 ? hv_len : 0);
 	}
-	if (topic_len <= 0 || topic_len >= sizeof(topic_name))
+	if (topic_len <= 0 || topic_len >= sizeof(pub->topics[0].name))
 		elog(ERROR, "kafka_bridge output plugin sent a topic name of %d bytes", topic_len);
-	memcpy(topic_name, topic, topic_len);
-	topic_name[topic_len] = '\0';
+	rkt = topic_handle(pub, rk, topic, topic_len);
 
 	if (pub->open_txn == NULL)
 	{
@@ -160,7 +201,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 		/* a record without headers (most sends) needs no header list */
 		if (headers)
 			err = rd_kafka_producev(rk,
-									RD_KAFKA_V_TOPIC(topic_name),
+									RD_KAFKA_V_RKT(rkt),
 									RD_KAFKA_V_KEY(key, key ? key_len : 0),
 									RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
 									RD_KAFKA_V_HEADERS(headers),
@@ -169,7 +210,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 									RD_KAFKA_V_END);
 		else
 			err = rd_kafka_producev(rk,
-									RD_KAFKA_V_TOPIC(topic_name),
+									RD_KAFKA_V_RKT(rkt),
 									RD_KAFKA_V_KEY(key, key ? key_len : 0),
 									RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
 									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
@@ -213,7 +254,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 			rd_kafka_headers_destroy(headers);
 		if (!pub->failed)
 			snprintf(pub->failure, sizeof(pub->failure),
-					 "cannot produce to topic \"%s\": %s", topic_name, rd_kafka_err2str(err));
+					 "cannot produce to topic \"%s\": %s", rd_kafka_topic_name(rkt), rd_kafka_err2str(err));
 		pub->failed = true;
 		return;
 	}
@@ -359,6 +400,8 @@ kb_publisher_stop(KbPublisher *pub)
 {
 	if (pub == NULL)
 		return;
+	for (int i = 0; i < pub->ntopics; i++)
+		rd_kafka_topic_destroy(pub->topics[i].rkt);
 	if (pub->ctx)
 		FreeDecodingContext(pub->ctx);
 	if (MyReplicationSlot != NULL)

@@ -19,6 +19,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_namespace.h"
+#include "commands/dbcommands.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -206,6 +207,22 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 				 "topic = excluded.topic, format = excluded.format, "
 				 "event_prefix = excluded.event_prefix, apply_role = excluded.apply_role",
 				 5, types, values, NULL);
+
+	/* only the applier of a listed database applies: say so when there is none */
+	{
+		char	   *dbname = get_database_name(MyDatabaseId);
+		ListCell   *lc;
+		bool		listed = false;
+
+		foreach(lc, kb_database_names())
+			listed |= (strcmp(lfirst(lc), dbname) == 0);
+		if (!listed)
+			ereport(WARNING,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("topic \"%s\" is not applied to table \"%s\" while database \"%s\" is not in kafka_bridge.databases",
+							topic, relname, dbname),
+					 errhint("Add the database to kafka_bridge.databases in postgresql.conf and reload.")));
+	}
 
 	subscriptions_changed();
 	relation_close(rel, NoLock);

@@ -19,10 +19,10 @@ like($err, qr/HINT:  Add kafka_bridge to shared_preload_libraries/, 'the hint na
 is($node->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'kafka_bridge%'"),
 	'0', 'no worker runs');
 
-# once preloaded, the launcher and the worker are there
+# once preloaded, the launcher and the workers are there
 $node->append_conf('postgresql.conf', "shared_preload_libraries = 'kafka_bridge'\n");
 $node->restart;
-ok($node->poll_query_until('postgres', "SELECT count(*) = 2 FROM pg_stat_activity WHERE backend_type LIKE 'kafka_bridge%'"),
-	'after adding it and restarting, the launcher and the worker run');
+ok($node->poll_query_until('postgres', "SELECT count(*) = 3 FROM pg_stat_activity WHERE backend_type LIKE 'kafka_bridge%'"),
+	'after adding it and restarting, the launcher, the publisher and the applier run');
 $node->stop;
 done_testing();

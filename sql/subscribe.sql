@@ -1,0 +1,98 @@
+-- kafka_bridge.subscribe(), unsubscribe(), sync(): the SQL surface of the
+-- apply side.  (The applier itself runs against a real broker in test/t/03*.)
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS kafka_bridge;
+RESET client_min_messages;
+
+CREATE TABLE regress_sub_client (id int PRIMARY KEY, name text);
+CREATE TABLE regress_sub_nokey (id int, name text);
+CREATE TABLE regress_sub_full (id int, name text);
+ALTER TABLE regress_sub_full REPLICA IDENTITY FULL;
+CREATE TABLE regress_sub_by_index (a int NOT NULL, b int NOT NULL, c text);
+CREATE UNIQUE INDEX regress_sub_by_index_ab ON regress_sub_by_index (a, b);
+ALTER TABLE regress_sub_by_index REPLICA IDENTITY USING INDEX regress_sub_by_index_ab;
+CREATE TEMP TABLE regress_sub_temp (id int PRIMARY KEY);
+CREATE VIEW regress_sub_view AS SELECT * FROM regress_sub_client;
+
+-- defaults: topic = table name, prefix = its upper case, envelope, the caller applies
+SELECT kafka_bridge.subscribe('regress_sub_client');
+SELECT table_name, topic, format, event_prefix, apply_role = current_user::regrole AS applies_as_me
+  FROM kafka_bridge.subscribed_tables;
+-- subscribing again replaces the settings
+SELECT kafka_bridge.subscribe('regress_sub_client', topic => 'clients-v2', format => 'flat',
+                              event_prefix => 'CLIENT');
+SELECT table_name, topic, format, event_prefix FROM kafka_bridge.subscribed_tables;
+-- a table identified by a unique index
+SELECT kafka_bridge.subscribe('regress_sub_by_index');
+
+-- refused, with the reason
+SELECT kafka_bridge.subscribe('regress_sub_nokey');
+SELECT kafka_bridge.subscribe('regress_sub_full');
+SELECT kafka_bridge.subscribe('regress_sub_temp');
+SELECT kafka_bridge.subscribe('regress_sub_view');
+SELECT kafka_bridge.subscribe('kafka_bridge.dead_letters');
+SELECT kafka_bridge.subscribe('pg_class');
+SELECT kafka_bridge.subscribe(NULL);
+SELECT kafka_bridge.subscribe('regress_sub_by_index', format => 'xml');
+SELECT kafka_bridge.subscribe('regress_sub_by_index', topic => 'no spaces');
+SELECT kafka_bridge.subscribe('regress_sub_by_index', event_prefix => '');
+-- one table per topic
+SELECT kafka_bridge.subscribe('regress_sub_by_index', topic => 'clients-v2');
+CREATE ROLE regress_sub_other;
+
+-- only the owner subscribes, and only with EXECUTE granted
+CREATE ROLE regress_sub_user;
+GRANT USAGE ON SCHEMA kafka_bridge TO regress_sub_user;
+SET ROLE regress_sub_user;
+SELECT kafka_bridge.subscribe('regress_sub_by_index');
+RESET ROLE;
+GRANT EXECUTE ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole) TO regress_sub_user;
+SET ROLE regress_sub_user;
+SELECT kafka_bridge.subscribe('regress_sub_by_index');
+SELECT * FROM kafka_bridge.dead_letters;
+RESET ROLE;
+-- an owner needs no right on kafka_bridge's tables
+CREATE TABLE regress_sub_owned (id int PRIMARY KEY);
+ALTER TABLE regress_sub_owned OWNER TO regress_sub_user;
+SET ROLE regress_sub_user;
+SELECT kafka_bridge.subscribe('regress_sub_owned');
+-- but may only apply as a role it is a member of
+SELECT kafka_bridge.subscribe('regress_sub_owned', apply_role => 'regress_sub_other');
+RESET ROLE;
+SELECT table_name, apply_role FROM kafka_bridge.subscribed_tables WHERE table_name = 'regress_sub_owned'::regclass;
+
+-- sync = publish + subscribe of the same topic
+CREATE TABLE regress_sync (id bigint PRIMARY KEY, v text);
+SET client_min_messages = error;
+SELECT kafka_bridge.sync('regress_sync', event_prefix => 'SYNCED');
+RESET client_min_messages;
+SELECT p.topic AS published_to, p.event_prefix, s.topic AS subscribed_to, s.event_prefix, s.format
+  FROM kafka_bridge.published_tables p JOIN kafka_bridge.subscribed_tables s USING (table_name)
+ WHERE table_name = 'regress_sync'::regclass;
+
+-- progress rows of a subscription go with it
+INSERT INTO kafka_bridge.apply_progress (topic, partition, next_offset) VALUES ('regress_sync', 0, 42);
+INSERT INTO kafka_bridge.apply_origins (topic, partition, origin, lsn, seq) VALUES ('regress_sync', 0, 'x', '0/1', 1);
+SELECT table_name, topic, partition, next_offset, lag FROM kafka_bridge.subscription_status
+ WHERE topic = 'regress_sync';
+SELECT kafka_bridge.unsubscribe('regress_sync');
+SELECT count(*) FROM kafka_bridge.apply_progress WHERE topic = 'regress_sync';
+SELECT count(*) FROM kafka_bridge.apply_origins WHERE topic = 'regress_sync';
+SELECT kafka_bridge.unsubscribe('regress_sync');
+
+-- dropping a subscribed table forgets its subscription
+DROP TABLE regress_sub_by_index;
+SELECT table_name FROM kafka_bridge.subscribed_tables ORDER BY 1;
+
+-- dead letters hold rows: not even monitoring roles read them unless granted
+SELECT has_table_privilege('pg_monitor', 'kafka_bridge.dead_letters', 'SELECT') AS monitor_reads,
+       has_table_privilege('regress_sub_user', 'kafka_bridge.dead_letters', 'SELECT') AS user_reads;
+
+SELECT kafka_bridge.unsubscribe('regress_sub_client');
+SELECT kafka_bridge.unsubscribe('regress_sub_owned');
+SELECT kafka_bridge.unpublish('regress_sync');
+DROP TABLE regress_sub_client, regress_sub_nokey, regress_sub_full, regress_sub_owned, regress_sync CASCADE;
+DROP ROLE regress_sub_other;
+REVOKE ALL ON SCHEMA kafka_bridge FROM regress_sub_user;
+REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole) FROM regress_sub_user;
+DROP ROLE regress_sub_user;
