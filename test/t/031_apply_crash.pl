@@ -7,7 +7,8 @@
 # writes and publishes up to 200k more inserts, one a transaction, that B
 # applies as they come: the publisher
 # sends again what Kafka had not confirmed, and B still applies each
-# event once.
+# event once.  Last, the broker stops while A writes and B applies: once
+# it is back, B catches up, still applying each event once.
 use strict;
 use warnings;
 
@@ -168,6 +169,33 @@ is($node_b->safe_psql('postgres', q{
 	"$committed $committed 0",
 	'the trigger logged one insert per row: the replayed records were not applied again');
 is($node_b->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters'), '0', 'no dead letters');
+
+# ---- the broker stops while B applies, and comes back ----
+
+$writer = $node_a->background_psql('postgres', on_error_stop => 0);
+$writer->query_until(qr/start/, qq{
+	\\echo start
+	CALL regress_fill_more($committed + 1, $events);
+});
+ok($node_b->poll_query_until('postgres', "SELECT count(*) > $committed + 5000 FROM client"),
+	'B: applying the third batch is under way');
+kafka_stop();
+my $during = $node_b->safe_psql('postgres', 'SELECT count(*) FROM client');
+$writer->quit;
+my $total = $node_a->safe_psql('postgres', 'SELECT count(*) FROM client');
+is($total, $committed + $events, "A: wrote the third batch ($events rows) with the broker down for part of it");
+ok($node_b->poll_query_until('postgres', "SELECT state = 'error' FROM kafka_bridge.status WHERE worker = 'applier'"),
+	"B: the applier's status shows the broker down");
+kafka_start();
+ok($node_b->poll_query_until('postgres', "SELECT count(*) = $total FROM client"),
+	"B: once the broker is back, B catches up ($during rows when it stopped, $total now)");
+ok($node_b->poll_query_until('postgres', "SELECT state = 'connected' FROM kafka_bridge.status WHERE worker = 'applier'"),
+	"B: the applier is connected again");
+is(kb_md5($node_b, 'client'), kb_md5($node_a, 'client'), 'B holds exactly the rows of A');
+is($node_b->safe_psql('postgres', q{
+		SELECT count(*) || ' ' || count(DISTINCT id) || ' ' || count(*) FILTER (WHERE op <> 'INSERT')
+		FROM regress_apply_log}),
+	"$total $total 0", 'each event still applied once');
 
 $node_b->stop;
 $node_a->stop;
