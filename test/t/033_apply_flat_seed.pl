@@ -5,7 +5,9 @@
 # field (a camelCase field into a quoted column, JSON nulls as NULL, fields
 # that are no column ignored); puts of known clients update them; the
 # clients it deletes, whether the value is the whole client or its id only,
-# disappear.
+# disappear.  Then kafka_bridge itself is the producer: an instance that
+# publishes a table in the flat format feeds another's flat subscription,
+# TRUNCATE included.
 use strict;
 use warnings;
 use utf8;
@@ -147,5 +149,45 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters'
 is($node->safe_psql('postgres', qq{SELECT applied FROM kafka_bridge.subscription_status WHERE topic = '$topic'}),
 	$sent, "subscription_status counts the $sent records applied");
 
+# ---- kafka_bridge's own flat records ----
+
+my $pub = kb_node('pub', conf => "track_commit_timestamp = on
+");
+$pub->start;
+$pub->safe_psql('postgres', q{
+	CREATE EXTENSION kafka_bridge;
+	CREATE TABLE client (id bigint PRIMARY KEY, nom text NOT NULL, prenom text, email text, telephone text,
+		"dateNaissance" date);
+});
+ok(kb_wait_slot($pub), 'pub: slot created');
+$pub->safe_psql('postgres',
+	"SELECT kafka_bridge.publish('client', topic => 'regress_seed_from_pg', format => 'flat')");
+$node->safe_psql('postgres', q{
+	CREATE TABLE client_copy (LIKE client INCLUDING ALL);
+	SELECT kafka_bridge.subscribe('client_copy', topic => 'regress_seed_from_pg', format => 'flat',
+		event_prefix => 'CLIENT');
+});
+my $fill = q{
+	INSERT INTO client SELECT g, 'Nom ' || g, CASE WHEN g % 3 = 0 THEN NULL ELSE 'Prénom' END,
+		'c' || g || '@example.org', NULL, date '1990-01-01' + g FROM generate_series(1, 300) g;
+	UPDATE client SET email = 'autre' || id || '@example.org' WHERE id % 4 = 0;
+	UPDATE client SET id = id + 1000 WHERE id % 25 = 0;
+	DELETE FROM client WHERE id % 9 = 0;
+};
+$pub->safe_psql('postgres', encode_utf8($fill));
+my $pub_md5 = $pub->safe_psql('postgres', q{SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM client c});
+ok($node->poll_query_until('postgres',
+		"SELECT md5(string_agg(c::text, ',' ORDER BY id)) = '$pub_md5' FROM client_copy c"),
+	'a flat subscription to what kafka_bridge publishes in the flat format holds the same rows');
+$pub->safe_psql('postgres', 'TRUNCATE client');
+ok($node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM client_copy'),
+	'CLIENT-TRUNCATE empties the subscribed table');
+$pub->safe_psql('postgres', encode_utf8($fill));
+ok($node->poll_query_until('postgres',
+		"SELECT md5(string_agg(c::text, ',' ORDER BY id)) = '$pub_md5' FROM client_copy c"),
+	'and the rows written after it arrive');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters'), '0', 'no dead letters');
+
+$pub->stop;
 $node->stop;
 done_testing();
