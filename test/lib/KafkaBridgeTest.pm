@@ -152,7 +152,7 @@ sub kb_wait_slot
 
 # ---- Helpers of the apply tests (03*.pl): writing records with kcat ----
 
-push @EXPORT, qw(kafka_produce kb_md5 kb_applier);
+push @EXPORT, qw(kafka_produce kb_md5 kb_applier kafka_create_topic);
 
 # Write records to a topic with kcat, in order: a list of { key, value,
 # headers => [ name => value, ... ], partition (default 0) }.  An undefined
@@ -219,6 +219,20 @@ sub kb_md5
 	$order //= 'id';
 	return $node->safe_psql('postgres',
 		"SELECT count(*) || ':' || coalesce(md5(string_agg(kb_row::text, ',' ORDER BY $order)), '') FROM $table kb_row");
+}
+
+# Create a topic with a number of partitions, with Kafka's own TopicCommand
+# from the jars scripts/kafka fetched.
+sub kafka_create_topic
+{
+	my ($topic, $partitions) = @_;
+	my $cache = _env('KAFKA_BRIDGE_CACHE');
+	my ($libs) = glob("$cache/kafka-*/libs");
+	die "no Kafka jars under $cache" unless $libs;
+	my $out = `java -cp '$libs/*' org.apache.kafka.tools.TopicCommand --bootstrap-server @{[kafka_bootstrap()]} --create --topic '$topic' --partitions $partitions --replication-factor 1 2>&1`;
+	die "cannot create topic $topic: $out" if $? != 0;
+	note "created topic $topic with $partitions partitions";
+	return;
 }
 
 # The applier's row of kafka_bridge.status, as a hash (pid 0 when it has none).
