@@ -149,4 +149,104 @@ sub kb_wait_slot
 		  . "(SELECT oid FROM pg_database WHERE datname = current_database())");
 }
 
+
+# ---- Helpers of the apply tests (03*.pl): writing records with kcat ----
+
+push @EXPORT, qw(kafka_produce kb_md5 kb_applier kafka_create_topic);
+
+# Write records to a topic with kcat, in order: a list of { key, value,
+# headers => [ name => value, ... ], partition (default 0) }.  An undefined
+# key or value is sent as null, an empty string as an empty one; the bytes
+# are sent as they are (no encoding, newlines and tabs allowed).  Records
+# that share their headers and partition go in one kcat run, so thousands
+# of records take seconds.
+sub kafka_produce
+{
+	my ($topic, @records) = @_;
+	my $bootstrap = kafka_bootstrap();
+	while (@records)
+	{
+		# the longest run of records kcat can write with the same options
+		my $first = $records[0];
+		my $opts = _kafka_produce_opts($first);
+		my $n = 1;
+		$n++ while $n < @records && _kafka_produce_opts($records[$n]) eq $opts;
+		my @batch = splice(@records, 0, $n);
+
+		my $input = '';
+		for my $r (@batch)
+		{
+			for my $part ($r->{key}, $r->{value})
+			{
+				next unless defined $part;
+				die "kafka_produce: bytes 0x01 and 0x02 separate records, they cannot be sent"
+				  if $part =~ /[\x01\x02]/;
+			}
+			$input .= ($r->{key} // '') . "\x02" . ($r->{value} // '') . "\x01";
+		}
+		my @cmd = ('kcat', '-P', '-b', $bootstrap, '-t', $topic,
+			'-p', $first->{partition} // 0, '-D', '\x01', '-K', '\x02');
+		# with -Z, kcat sends an empty key or value as null
+		push @cmd, '-Z' if !defined $first->{key} || !defined $first->{value};
+		my @h = @{ $first->{headers} // [] };
+		while (my ($name, $value) = splice(@h, 0, 2))
+		{
+			push @cmd, '-H', "$name=$value";
+		}
+		open(my $kcat, '|-', @cmd) or die "cannot run kcat: $!";
+		binmode $kcat;
+		print $kcat $input;
+		close($kcat) or die "kcat failed writing to topic $topic: exit status $?";
+	}
+	return;
+}
+
+# The kcat options a record needs besides its key and value.
+sub _kafka_produce_opts
+{
+	my ($r) = @_;
+	my $null = !defined $r->{key} || !defined $r->{value};
+	my $empty = (defined $r->{key} && $r->{key} eq '') || (defined $r->{value} && $r->{value} eq '');
+	die "kafka_produce: kcat cannot send a record with a null and an empty part" if $null && $empty;
+	return join("\x00", $r->{partition} // 0, $null ? 'null' : '', @{ $r->{headers} // [] });
+}
+
+# md5 of a table's rows in key order: two tables with the same rows have
+# the same md5.
+sub kb_md5
+{
+	my ($node, $table, $order) = @_;
+	$order //= 'id';
+	return $node->safe_psql('postgres',
+		"SELECT count(*) || ':' || coalesce(md5(string_agg(kb_row::text, ',' ORDER BY $order)), '') FROM $table kb_row");
+}
+
+# Create a topic with a number of partitions, with Kafka's own TopicCommand
+# from the jars scripts/kafka fetched.
+sub kafka_create_topic
+{
+	my ($topic, $partitions) = @_;
+	my $cache = _env('KAFKA_BRIDGE_CACHE');
+	my ($libs) = glob("$cache/kafka-*/libs");
+	die "no Kafka jars under $cache" unless $libs;
+	my $out = `java -cp '$libs/*' org.apache.kafka.tools.TopicCommand --bootstrap-server @{[kafka_bootstrap()]} --create --topic '$topic' --partitions $partitions --replication-factor 1 2>&1`;
+	die "cannot create topic $topic: $out" if $? != 0;
+	note "created topic $topic with $partitions partitions";
+	return;
+}
+
+# The applier's row of kafka_bridge.status, as a hash (pid 0 when it has none).
+sub kb_applier
+{
+	my ($node, $dbname) = @_;
+	$dbname //= 'postgres';
+	my $row = $node->safe_psql('postgres',
+		"SELECT coalesce(pid, 0), state, coalesce(events_applied, 0), coalesce(consumer_lag, 0), "
+		  . "coalesce(last_error, '') FROM kafka_bridge.status "
+		  . "WHERE database = '$dbname' AND worker = 'applier'");
+	my ($pid, $state, $applied, $lag, $error) = split /\|/, $row, 5;
+	return { pid => $pid // 0, state => $state // '', events_applied => $applied // 0,
+		consumer_lag => $lag // 0, last_error => $error // '' };
+}
+
 1;
