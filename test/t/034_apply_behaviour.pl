@@ -20,7 +20,7 @@ $_->start for ($a, $b);
 my $types = q{
 	CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 	CREATE DOMAIN positive AS int CHECK (VALUE > 0);
-	CREATE TABLE regress_types (
+	CREATE TABLE regress_bh_types (
 		id bigint PRIMARY KEY, i2 int2, i4 int4, n numeric, n_nan numeric, f8 float8,
 		f8_inf float8, t text, b bytea, flag bool, d date, ts timestamp, tstz timestamptz,
 		iv interval, u uuid, j json, jb jsonb, arr int[], tarr text[], m mood, p positive,
@@ -30,10 +30,10 @@ $_->safe_psql('postgres', "CREATE EXTENSION kafka_bridge; $types") for ($a, $b);
 ok(kb_wait_slot($a), 'A has its slot');
 
 # ---- every type, from A's publisher to B's applier ----
-$a->safe_psql('postgres', "SELECT kafka_bridge.publish('regress_types')");
-$b->safe_psql('postgres', "SELECT kafka_bridge.subscribe('regress_types')");
+$a->safe_psql('postgres', "SELECT kafka_bridge.publish('regress_bh_types')");
+$b->safe_psql('postgres', "SELECT kafka_bridge.subscribe('regress_bh_types')");
 $a->safe_psql('postgres', q{
-	INSERT INTO regress_types VALUES
+	INSERT INTO regress_bh_types VALUES
 	(1, -32768, 2147483647, (repeat('9', 120) || '.' || repeat('1', 30))::numeric, 'NaN', 1.1,
 	 '-Infinity', E'unicode \u00e9\u4e2d "quotes" \\ back\nslash', '\x00ff10', true,
 	 '2024-02-29', '2024-02-29 12:34:56.789', '2024-02-29 12:34:56.789+05',
@@ -44,94 +44,94 @@ $a->safe_psql('postgres', q{
 	(2, NULL, NULL, NULL, NULL, 'NaN', 'Infinity', '', '\x', false, 'infinity',
 	 '-infinity', 'infinity', '-1 day', NULL, 'null', '[]', '{}', '{}', 'sad', 1, NULL, '2', '{}');
 });
-my $dump = "SELECT string_agg(t::text, E'\\n' ORDER BY id) FROM regress_types t";
-ok($b->poll_query_until('postgres', "SELECT count(*) = 2 FROM regress_types"), 'B applied both rows');
+my $dump = "SELECT string_agg(t::text, E'\\n' ORDER BY id) FROM regress_bh_types t";
+ok($b->poll_query_until('postgres', "SELECT count(*) = 2 FROM regress_bh_types"), 'B applied both rows');
 is($b->safe_psql('postgres', $dump), $a->safe_psql('postgres', $dump),
 	'every type arrives on B exactly as it is on A');
 
 # ---- TOAST: an UPDATE that leaves a big column alone ----
 $_->safe_psql('postgres', q{
-	CREATE TABLE regress_toast (id int PRIMARY KEY, big text, small text);
-	ALTER TABLE regress_toast ALTER COLUMN big SET STORAGE EXTERNAL;
+	CREATE TABLE regress_bh_toast (id int PRIMARY KEY, big text, small text);
+	ALTER TABLE regress_bh_toast ALTER COLUMN big SET STORAGE EXTERNAL;
 }) for ($a, $b);
-$a->safe_psql('postgres', "SELECT kafka_bridge.publish('regress_toast')");
-$b->safe_psql('postgres', "SELECT kafka_bridge.subscribe('regress_toast')");
-$a->safe_psql('postgres', "INSERT INTO regress_toast VALUES (1, repeat('x', 100000), 'a')");
-ok($b->poll_query_until('postgres', "SELECT count(*) = 1 FROM regress_toast"), 'B has the row');
-$a->safe_psql('postgres', "UPDATE regress_toast SET small = 'b' WHERE id = 1");
-ok($b->poll_query_until('postgres', "SELECT small = 'b' FROM regress_toast WHERE id = 1"),
+$a->safe_psql('postgres', "SELECT kafka_bridge.publish('regress_bh_toast')");
+$b->safe_psql('postgres', "SELECT kafka_bridge.subscribe('regress_bh_toast')");
+$a->safe_psql('postgres', "INSERT INTO regress_bh_toast VALUES (1, repeat('x', 100000), 'a')");
+ok($b->poll_query_until('postgres', "SELECT count(*) = 1 FROM regress_bh_toast"), 'B has the row');
+$a->safe_psql('postgres', "UPDATE regress_bh_toast SET small = 'b' WHERE id = 1");
+ok($b->poll_query_until('postgres', "SELECT small = 'b' FROM regress_bh_toast WHERE id = 1"),
 	'the update reached B');
-is($b->safe_psql('postgres', "SELECT length(big), big = repeat('x', 100000) FROM regress_toast"),
+is($b->safe_psql('postgres', "SELECT length(big), big = repeat('x', 100000) FROM regress_bh_toast"),
 	'100000|t', 'the unchanged TOASTed column keeps its value on B');
 
 # ---- columns only one side has ----
 $a->safe_psql('postgres', q{
-	CREATE TABLE regress_cols (id int PRIMARY KEY, name text, only_on_a text);
-	SELECT kafka_bridge.publish('regress_cols');
+	CREATE TABLE regress_bh_cols (id int PRIMARY KEY, name text, only_on_a text);
+	SELECT kafka_bridge.publish('regress_bh_cols');
 });
 $b->safe_psql('postgres', q{
-	CREATE TABLE regress_cols (id int PRIMARY KEY, name text, only_on_b text DEFAULT 'default-b');
-	SELECT kafka_bridge.subscribe('regress_cols');
+	CREATE TABLE regress_bh_cols (id int PRIMARY KEY, name text, only_on_b text DEFAULT 'default-b');
+	SELECT kafka_bridge.subscribe('regress_bh_cols');
 });
 my $log_offset = -s $b->logfile;
-$a->safe_psql('postgres', "INSERT INTO regress_cols VALUES (1, 'one', 'a1'), (2, 'two', 'a2')");
-ok($b->poll_query_until('postgres', "SELECT count(*) = 2 FROM regress_cols"), 'B has both rows');
-is($b->safe_psql('postgres', "SELECT string_agg(id || ':' || name || ':' || only_on_b, ',' ORDER BY id) FROM regress_cols"),
+$a->safe_psql('postgres', "INSERT INTO regress_bh_cols VALUES (1, 'one', 'a1'), (2, 'two', 'a2')");
+ok($b->poll_query_until('postgres', "SELECT count(*) = 2 FROM regress_bh_cols"), 'B has both rows');
+is($b->safe_psql('postgres', "SELECT string_agg(id || ':' || name || ':' || only_on_b, ',' ORDER BY id) FROM regress_bh_cols"),
 	'1:one:default-b,2:two:default-b', "a column only B has gets its default on insert");
-$b->safe_psql('postgres', "UPDATE regress_cols SET only_on_b = 'local' WHERE id = 1");
-$a->safe_psql('postgres', "UPDATE regress_cols SET name = 'uno', only_on_a = 'a1bis' WHERE id = 1");
-ok($b->poll_query_until('postgres', "SELECT name = 'uno' FROM regress_cols WHERE id = 1"), 'the update reached B');
-is($b->safe_psql('postgres', "SELECT only_on_b FROM regress_cols WHERE id = 1"), 'local',
+$b->safe_psql('postgres', "UPDATE regress_bh_cols SET only_on_b = 'local' WHERE id = 1");
+$a->safe_psql('postgres', "UPDATE regress_bh_cols SET name = 'uno', only_on_a = 'a1bis' WHERE id = 1");
+ok($b->poll_query_until('postgres', "SELECT name = 'uno' FROM regress_bh_cols WHERE id = 1"), 'the update reached B');
+is($b->safe_psql('postgres', "SELECT only_on_b FROM regress_bh_cols WHERE id = 1"), 'local',
 	'and kept the value of the column only B has');
 my $log = slurp_file($b->logfile, $log_offset);
-my @ignored = ($log =~ /ignores member "only_on_a" of the events of topic "regress_cols"/g);
+my @ignored = ($log =~ /ignores member "only_on_a" of the events of topic "regress_bh_cols"/g);
 is(scalar(@ignored), 1, "the member only A has is ignored, and logged once");
 
 # ---- a replayed record is recognised and skipped ----
-my ($rec) = grep { $_->{value} =~ /"uno"/ } kafka_records('regress_cols');
+my ($rec) = grep { $_->{value} =~ /"uno"/ } kafka_records('regress_bh_cols');
 ok($rec, 'the update record is in the topic');
 my $value_file = $b->basedir . '/replay.json';
 open(my $fh, '>', $value_file) or die;
 print $fh $rec->{value};
 close $fh;
-$b->safe_psql('postgres', "UPDATE regress_cols SET name = 'changed locally' WHERE id = 1");
+$b->safe_psql('postgres', "UPDATE regress_bh_cols SET name = 'changed locally' WHERE id = 1");
 my $skipped_before = $b->safe_psql('postgres',
-	"SELECT sum(skipped) FROM kafka_bridge.subscription_status WHERE topic = 'regress_cols'");
+	"SELECT sum(skipped) FROM kafka_bridge.subscription_status WHERE topic = 'regress_bh_cols'");
 my @h = map { ('-H', "$_=$rec->{headers}{$_}") } sort keys %{ $rec->{headers} };
-system('kcat', '-P', '-b', $bootstrap, '-t', 'regress_cols', '-p', $rec->{partition},
+system('kcat', '-P', '-b', $bootstrap, '-t', 'regress_bh_cols', '-p', $rec->{partition},
 	'-k', $rec->{key}, @h, $value_file) == 0 or die 'kcat failed';
 ok( $b->poll_query_until('postgres',
-		"SELECT sum(skipped) > $skipped_before FROM kafka_bridge.subscription_status WHERE topic = 'regress_cols'"),
+		"SELECT sum(skipped) > $skipped_before FROM kafka_bridge.subscription_status WHERE topic = 'regress_bh_cols'"),
 	'the replayed record is counted as skipped');
-is($b->safe_psql('postgres', "SELECT name FROM regress_cols WHERE id = 1"), 'changed locally',
+is($b->safe_psql('postgres', "SELECT name FROM regress_bh_cols WHERE id = 1"), 'changed locally',
 	'and did not overwrite the row');
 
 # ---- the apply role's rights and row security ----
 $b->safe_psql('postgres', q{
 	CREATE ROLE regress_applier;
-	CREATE TABLE regress_rights (id int PRIMARY KEY, owner text);
-	GRANT SELECT, INSERT, UPDATE ON regress_rights TO regress_applier;
-	ALTER TABLE regress_rights ENABLE ROW LEVEL SECURITY;
-	CREATE POLICY regress_only_mine ON regress_rights TO regress_applier
+	CREATE TABLE regress_bh_rights (id int PRIMARY KEY, owner text);
+	GRANT SELECT, INSERT, UPDATE ON regress_bh_rights TO regress_applier;
+	ALTER TABLE regress_bh_rights ENABLE ROW LEVEL SECURITY;
+	CREATE POLICY regress_only_mine ON regress_bh_rights TO regress_applier
 		USING (owner = 'mine') WITH CHECK (owner = 'mine');
-	SELECT kafka_bridge.subscribe('regress_rights', apply_role => 'regress_applier');
+	SELECT kafka_bridge.subscribe('regress_bh_rights', apply_role => 'regress_applier');
 });
 $a->safe_psql('postgres', q{
-	CREATE TABLE regress_rights (id int PRIMARY KEY, owner text);
-	SELECT kafka_bridge.publish('regress_rights');
-	INSERT INTO regress_rights VALUES (1, 'mine'), (2, 'theirs');
-	DELETE FROM regress_rights WHERE id = 1;
-	INSERT INTO regress_rights VALUES (3, 'mine');
+	CREATE TABLE regress_bh_rights (id int PRIMARY KEY, owner text);
+	SELECT kafka_bridge.publish('regress_bh_rights');
+	INSERT INTO regress_bh_rights VALUES (1, 'mine'), (2, 'theirs');
+	DELETE FROM regress_bh_rights WHERE id = 1;
+	INSERT INTO regress_bh_rights VALUES (3, 'mine');
 });
 ok( $b->poll_query_until('postgres',
-		"SELECT count(*) = 2 FROM kafka_bridge.dead_letters WHERE topic = 'regress_rights'"),
-	'two records of regress_rights are dead letters');
+		"SELECT count(*) = 2 FROM kafka_bridge.dead_letters WHERE topic = 'regress_bh_rights'"),
+	'two records of regress_bh_rights are dead letters');
 is( $b->safe_psql('postgres',
-		"SELECT string_agg(convert_from(key, 'UTF8') || ' ' || reason, E'\\n' ORDER BY key) FROM kafka_bridge.dead_letters WHERE topic = 'regress_rights'")
+		"SELECT string_agg(convert_from(key, 'UTF8') || ' ' || reason, E'\\n' ORDER BY key) FROM kafka_bridge.dead_letters WHERE topic = 'regress_bh_rights'")
 	  =~ s/ \(.*//gmr,
-	qq({"id":1} permission denied for table regress_rights\n{"id":2} new row violates row-level security policy for table "regress_rights"),
+	qq({"id":1} permission denied for table regress_bh_rights\n{"id":2} new row violates row-level security policy for table "regress_bh_rights"),
 	'row security refuses the row the policy does not allow, and the missing DELETE right refuses the delete');
-is($b->safe_psql('postgres', "SELECT string_agg(id || ':' || owner, ',' ORDER BY id) FROM regress_rights"),
+is($b->safe_psql('postgres', "SELECT string_agg(id || ':' || owner, ',' ORDER BY id) FROM regress_bh_rights"),
 	'1:mine,3:mine', 'the allowed rows are applied; the refused ones change nothing');
 
 $_->stop for ($a, $b);
