@@ -123,6 +123,7 @@ typedef struct Applier
 	RepOriginId origin;
 	MemoryContext record_cxt;	/* reset after each record */
 	bool		busy;			/* the last batch had records */
+	bool		subs_changed;	/* a batch met new subscriptions */
 } Applier;
 
 static Applier ap;
@@ -182,6 +183,50 @@ drop_consumer(void)
 }
 
 /*
+ * The subscriptions the applier can serve (in a transaction, SPI
+ * connected): one whose apply role was dropped waits, with an error in the
+ * status, and nothing of its topic is lost.
+ */
+static List *
+read_subscriptions(bool lock)
+{
+	List	   *subs = kb_load_subscriptions(lock);
+	ListCell   *lc;
+
+	foreach(lc, subs)
+	{
+		KbSubscription *s = lfirst(lc);
+
+		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->apply_role)))
+		{
+			kb_status_set_error(ap.slot, KB_STATE_ERROR,
+								"the subscription of topic \"%s\" applies as a role that no longer exists: subscribe its table again with an existing apply_role",
+								s->topic);
+			subs = foreach_delete_current(subs, lc);
+		}
+	}
+	return subs;
+}
+
+/* What the applier's assignment and plans depend on, as one string. */
+static char *
+subscriptions_signature(List *subs)
+{
+	StringInfoData sig;
+	ListCell   *lc;
+
+	initStringInfo(&sig);
+	foreach(lc, subs)
+	{
+		KbSubscription *s = lfirst(lc);
+
+		appendStringInfo(&sig, "%u|%s|%d|%s|%u;", s->relid, s->topic, (int) s->format,
+						 s->event_prefix, s->apply_role);
+	}
+	return sig.data;
+}
+
+/*
  * Read the subscriptions; when they changed, start over with a new
  * assignment.  Also makes sure the replication origin exists.
  */
@@ -189,7 +234,7 @@ static void
 check_subscriptions(void)
 {
 	List	   *subs = NIL;
-	StringInfoData sig;
+	char	   *sig;
 	ListCell   *lc;
 	MemoryContext cxt = CurrentMemoryContext;
 
@@ -203,20 +248,7 @@ check_subscriptions(void)
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
 		MemoryContextSwitchTo(cxt);
-		subs = kb_load_subscriptions();
-		foreach(lc, subs)
-		{
-			KbSubscription *s = lfirst(lc);
-
-			if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->apply_role)))
-			{
-				/* its topic is left alone: nothing is lost, it waits */
-				kb_status_set_error(ap.slot, KB_STATE_ERROR,
-									"the subscription of topic \"%s\" applies as a role that no longer exists: subscribe its table again with an existing apply_role",
-									s->topic);
-				subs = foreach_delete_current(subs, lc);
-			}
-		}
+		subs = read_subscriptions(false);
 		SPI_finish();
 		PopActiveSnapshot();
 		if (ap.origin == InvalidRepOriginId)
@@ -239,16 +271,8 @@ check_subscriptions(void)
 		replorigin_session_origin = ap.origin;
 	}
 
-	initStringInfo(&sig);
-	foreach(lc, subs)
-	{
-		KbSubscription *s = lfirst(lc);
-
-
-		appendStringInfo(&sig, "%u|%s|%d|%s|%u;", s->relid, s->topic, (int) s->format,
-						 s->event_prefix, s->apply_role);
-	}
-	if (ap.subs_signature && strcmp(sig.data, ap.subs_signature) == 0)
+	sig = subscriptions_signature(subs);
+	if (ap.subs_signature && strcmp(sig, ap.subs_signature) == 0)
 		return;
 
 	/* changed: keep the new list, and rebuild everything that hangs on it */
@@ -267,7 +291,7 @@ check_subscriptions(void)
 		copy->event_prefix = pstrdup(s->event_prefix);
 		ap.subs = lappend(ap.subs, copy);
 	}
-	ap.subs_signature = pstrdup(sig.data);
+	ap.subs_signature = pstrdup(sig);
 	MemoryContextSwitchTo(cxt);
 	if (ap.subs != NIL)
 		ereport(LOG,
@@ -816,6 +840,21 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 
 		begin_work(careful ? "applying records one by one after an error" : "applying records");
 		spi_cxt = CurrentMemoryContext;
+
+		/*
+		 * The subscriptions must be the ones the records were fetched for,
+		 * and stay so until this batch commits (subscribe() and
+		 * unsubscribe() wait for it): else start over without applying.
+		 */
+		if (strcmp(subscriptions_signature(read_subscriptions(true)),
+				   ap.subs_signature ? ap.subs_signature : "") != 0)
+		{
+			ap.subs_changed = true;
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("the subscriptions changed while records were being applied"),
+					 errdetail("The records are applied again with the new subscriptions.")));
+		}
 		for (int i = 0; i < n; i++)
 		{
 			TopicPartition key = {0};
@@ -953,6 +992,13 @@ consume_batch(void)
 		ap.backoff_ms = 0;
 		if (kb_status_slot(ap.slot)->state != KB_STATE_CONNECTED)
 			report(KB_STATE_CONNECTED, "applying records");
+	}
+	else if (ap.subs_changed)
+	{
+		/* nothing wrong: read the subscriptions now, and start over */
+		ap.subs_changed = false;
+		ap.next_check = 0;
+		forget_partitions();
 	}
 	else
 	{

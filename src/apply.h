@@ -31,8 +31,11 @@ typedef struct KbSubscription
 	Oid			apply_role;
 } KbSubscription;
 
-/* Every subscription of the database (in a transaction, SPI connected). */
-extern List *kb_load_subscriptions(void);
+/*
+ * Every subscription of the database (in a transaction, SPI connected);
+ * with lock, held unchanged until the transaction ends.
+ */
+extern List *kb_load_subscriptions(bool lock);
 
 /* The sql_drop event trigger's part for subscriptions. */
 extern void kb_forget_dropped_subscriptions(void);

@@ -301,15 +301,22 @@ kb_forget_dropped_subscriptions(void)
 		subscriptions_changed();
 }
 
-/* Every subscription, in topic order; the caller has a transaction and SPI. */
+/*
+ * Every subscription, in topic order; the caller has a transaction and SPI.
+ * With lock, the rows stay as read until the transaction ends: subscribe()
+ * and unsubscribe() wait for it.
+ */
 List *
-kb_load_subscriptions(void)
+kb_load_subscriptions(bool lock)
 {
 	List	   *result = NIL;
 	int			rc;
 
-	rc = SPI_execute("SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid "
-					 "FROM kafka_bridge.subscriptions ORDER BY topic", true, 0);
+	rc = SPI_execute(lock ?
+					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid "
+					 "FROM kafka_bridge.subscriptions ORDER BY topic FOR SHARE" :
+					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid "
+					 "FROM kafka_bridge.subscriptions ORDER BY topic", !lock, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "reading kafka_bridge.subscriptions failed: %s", SPI_result_code_string(rc));
 	for (uint64 i = 0; i < SPI_processed; i++)
