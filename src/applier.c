@@ -511,24 +511,13 @@ store_dead_letter(PartitionProgress *ps, rd_kafka_message_t *msg, const char *re
 	values[1] = CStringGetTextDatum(ps->key.topic);
 	values[2] = Int32GetDatum(msg->partition);
 	values[3] = Int64GetDatum(msg->offset);
+	/* the raw bytes: text and bytea share their layout, without a check */
 	if (msg->key)
-	{
-		bytea	   *b = palloc(VARHDRSZ + msg->key_len);
-
-		SET_VARSIZE(b, VARHDRSZ + msg->key_len);
-		memcpy(VARDATA(b), msg->key, msg->key_len);
-		values[4] = PointerGetDatum(b);
-	}
+		values[4] = PointerGetDatum(cstring_to_text_with_len(msg->key, msg->key_len));
 	else
 		nulls[4] = 'n';
 	if (msg->payload)
-	{
-		bytea	   *b = palloc(VARHDRSZ + msg->len);
-
-		SET_VARSIZE(b, VARHDRSZ + msg->len);
-		memcpy(VARDATA(b), msg->payload, msg->len);
-		values[5] = PointerGetDatum(b);
-	}
+		values[5] = PointerGetDatum(cstring_to_text_with_len(msg->payload, msg->len));
 	else
 		nulls[5] = 'n';
 	if (headers)

@@ -466,30 +466,9 @@ column_value(ApplyColumn *c, KbJsonField *f, bool *isnull)
 	return d;
 }
 
-static KbApplyOutcome
-reject(char **reason, const char *fmt,...) pg_attribute_printf(2, 3);
-
-static KbApplyOutcome
-reject(char **reason, const char *fmt,...)
-{
-	StringInfoData buf;
-
-	initStringInfo(&buf);
-	for (;;)
-	{
-		va_list		args;
-		int			needed;
-
-		va_start(args, fmt);
-		needed = appendStringInfoVA(&buf, fmt, args);
-		va_end(args);
-		if (needed == 0)
-			break;
-		enlargeStringInfo(&buf, needed);
-	}
-	*reason = buf.data;
-	return KB_APPLY_REJECTED;
-}
+/* Set the reason a record is refused, and say it is refused. */
+#define reject(reason, ...) \
+	(*(reason) = psprintf(__VA_ARGS__), KB_APPLY_REJECTED)
 
 /* Key members must name key columns and equal the row's values. */
 static bool
@@ -503,7 +482,7 @@ key_matches_row(KbJsonObject *key, KbJsonObject *row, char **reason)
 		if (r == NULL || r->type != k->type ||
 			(k->text != NULL && strcmp(k->text, r->text) != 0))
 		{
-			reject(reason, "the record key does not match the row: key member \"%s\" is %s, the row's is %s",
+			(void) reject(reason, "the record key does not match the row: key member \"%s\" is %s, the row's is %s",
 				   k->name, k->text ? k->text : "null",
 				   r == NULL ? "missing" : (r->text ? r->text : "null"));
 			return false;

@@ -161,6 +161,8 @@ extern void kb_check_topic(const char *topic, bool is_default);
 extern void kb_check_event_prefix(const char *prefix);
 extern KbEventFormat kb_parse_format(const char *name);
 extern struct RelationData *kb_open_owned_table(Oid relid);
+extern void kb_check_table_kind(struct RelationData *rel, const char *verb,
+								const char *participle);
 
 /*
  * ---- Application records: kafka_bridge.send() ----

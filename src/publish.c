@@ -296,19 +296,30 @@ kb_open_owned_table(Oid relid)
 	return rel;
 }
 
-/* The kinds of table whose changes logical decoding sees, and nothing else. */
-static void
-check_publishable(Relation rel)
+/*
+ * Only plain and partitioned tables are published or subscribed: verb and
+ * participle name the action in the error ("subscribe", "subscribed").
+ */
+void
+kb_check_table_kind(Relation rel, const char *verb, const char *participle)
 {
-	const char *name = RelationGetRelationName(rel);
 	char		relkind = rel->rd_rel->relkind;
 
 	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("cannot publish relation \"%s\"", name),
+				 errmsg("cannot %s relation \"%s\"", verb, RelationGetRelationName(rel)),
 				 errdetail_relkind_not_supported(relkind),
-				 errhint("Only plain and partitioned tables can be published.")));
+				 errhint("Only plain and partitioned tables can be %s.", participle)));
+}
+
+/* The kinds of table whose changes logical decoding sees, and nothing else. */
+static void
+check_publishable(Relation rel)
+{
+	const char *name = RelationGetRelationName(rel);
+
+	kb_check_table_kind(rel, "publish", "published");
 	if (IsCatalogRelation(rel))
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),

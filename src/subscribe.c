@@ -96,14 +96,8 @@ static void
 check_subscribable(Relation rel)
 {
 	const char *name = RelationGetRelationName(rel);
-	char		relkind = rel->rd_rel->relkind;
 
-	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
-		ereport(ERROR,
-				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("cannot subscribe relation \"%s\"", name),
-				 errdetail_relkind_not_supported(relkind),
-				 errhint("Only plain and partitioned tables can be subscribed.")));
+	kb_check_table_kind(rel, "subscribe", "subscribed");
 	if (IsCatalogRelation(rel) ||
 		RelationGetNamespace(rel) == get_namespace_oid(KB_SCHEMA_NAME, true))
 		ereport(ERROR,
