@@ -10,7 +10,7 @@
 # instances (bench/apply runs two).
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
-PGBIN=/usr/lib/postgresql/15/bin
+PGBIN=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
 export PATH="$PGBIN:$PATH"
 export KAFKA_BRIDGE_CACHE=${KAFKA_BRIDGE_CACHE:-/var/cache/kafka_bridge}
 
