@@ -9,6 +9,9 @@ DATA = $(wildcard kafka_bridge--*.sql)
 
 REGRESS = settings status publish decoder send subscribe
 REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=./tmp_check
+# isolation specs (specs/*.spec): races between sessions
+ISOLATION = conflicts
+ISOLATION_OPTS = $(REGRESS_OPTS)
 
 PG_CONFIG ?= pg_config
 
@@ -19,7 +22,7 @@ PG_CPPFLAGS = -I$(srcdir)/src $(KAFKA_CFLAGS)
 PG_CFLAGS = -Werror -Wall -Wmissing-prototypes
 SHLIB_LINK = $(KAFKA_LIBS) -lpthread
 
-EXTRA_CLEAN = tmp_check results regression.diffs regression.out
+EXTRA_CLEAN = tmp_check results regression.diffs regression.out output_iso
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
@@ -30,4 +33,6 @@ $(OBJS): $(wildcard src/*.h)
 # the pg_regress suite, for scripts/test
 print-regress:
 	@echo $(REGRESS)
-.PHONY: print-regress
+print-isolation:
+	@echo $(ISOLATION)
+.PHONY: print-regress print-isolation

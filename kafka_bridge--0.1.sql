@@ -29,7 +29,8 @@ CREATE FUNCTION kafka_bridge.worker_status(
 	OUT events_published bigint,
 	OUT events_applied bigint,
 	OUT publish_lag_bytes bigint,
-	OUT consumer_lag bigint)
+	OUT consumer_lag bigint,
+	OUT conflicts bigint)
 RETURNS SETOF record
 LANGUAGE C STRICT VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_worker_status';
@@ -171,6 +172,8 @@ CREATE TABLE kafka_bridge.subscriptions (
 	format text NOT NULL CHECK (format IN ('envelope', 'flat')),
 	event_prefix text NOT NULL,
 	apply_role regrole NOT NULL,
+	conflict_policy text NOT NULL DEFAULT 'last_write_wins'
+		CHECK (conflict_policy IN ('last_write_wins', 'keep_local', 'apply_remote', 'error')),
 	created_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -235,18 +238,74 @@ CREATE INDEX ON kafka_bridge.dead_letters (topic, partition, "offset");
 COMMENT ON TABLE kafka_bridge.dead_letters IS
 'records the applier could not apply, with their coordinates, raw key and value, headers and the reason';
 
+-- Deleted rows of tables subscribed with a conflict policy: the version
+-- (commit time, origin instance) of the delete, so that an older PUT
+-- arriving late does not bring the row back.  key is the row's key columns
+-- as a JSON array of their text forms.  A local delete (the trigger
+-- kafka_bridge_tombstone) records its transaction id: its commit time is
+-- read from track_commit_timestamp when needed.  Pruned after
+-- kafka_bridge.tombstone_retention.
+CREATE TABLE kafka_bridge.tombstones (
+	relid regclass NOT NULL,
+	key text NOT NULL,
+	commit_time timestamptz,
+	origin text,
+	xid xid8,
+	recorded_at timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (relid, key)
+);
+
+CREATE INDEX ON kafka_bridge.tombstones (recorded_at);
+
+COMMENT ON TABLE kafka_bridge.tombstones IS
+'version (commit time, origin) of rows deleted from subscribed tables, so that an older event cannot bring them back; pruned after kafka_bridge.tombstone_retention';
+
+-- One row per conflict the applier met: a remote change to a row whose
+-- current version (or tombstone) another origin wrote.  Pruned after
+-- kafka_bridge.conflict_retention.
+CREATE TABLE kafka_bridge.conflicts (
+	id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	table_name regclass,
+	key text NOT NULL,
+	kind text NOT NULL,
+	local_origin text,
+	local_commit_time timestamptz,
+	remote_origin text,
+	remote_commit_time timestamptz,
+	policy text NOT NULL,
+	resolution text NOT NULL,
+	topic text,
+	partition integer,
+	"offset" bigint,
+	detected_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX ON kafka_bridge.conflicts (detected_at);
+
+COMMENT ON TABLE kafka_bridge.conflicts IS
+'conflicts met by the applier: table, key, local and remote versions, policy and resolution; pruned after kafka_bridge.conflict_retention';
+
+-- The trigger subscribe() puts on a table with a conflict policy: records
+-- a tombstone for each local DELETE (and UPDATE of the key).  It does not
+-- fire for the applier's own writes (session_replication_role = replica).
+CREATE FUNCTION kafka_bridge.record_tombstone()
+RETURNS trigger
+LANGUAGE C SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'kafka_bridge_record_tombstone';
+
 CREATE FUNCTION kafka_bridge.subscribe(
 	tbl regclass,
 	topic text DEFAULT NULL,
 	format text DEFAULT 'envelope',
 	event_prefix text DEFAULT NULL,
-	apply_role regrole DEFAULT NULL)
+	apply_role regrole DEFAULT NULL,
+	conflict_policy text DEFAULT 'last_write_wins')
 RETURNS void
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_subscribe';
 
-COMMENT ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole) IS
-'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the caller)';
+COMMENT ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text) IS
+'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the caller), resolving conflicts by conflict_policy';
 
 CREATE FUNCTION kafka_bridge.unsubscribe(tbl regclass)
 RETURNS void
@@ -260,20 +319,34 @@ CREATE FUNCTION kafka_bridge.sync(
 	tbl regclass,
 	topic text DEFAULT NULL,
 	format text DEFAULT 'envelope',
-	event_prefix text DEFAULT NULL)
+	event_prefix text DEFAULT NULL,
+	conflict_policy text DEFAULT 'last_write_wins')
 RETURNS void
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_sync';
 
-COMMENT ON FUNCTION kafka_bridge.sync(regclass, text, text, text) IS
+COMMENT ON FUNCTION kafka_bridge.sync(regclass, text, text, text, text) IS
 'publish a table to a topic and apply that topic to it: keeps the table in sync with every instance doing the same';
 
+CREATE FUNCTION kafka_bridge.apply_event(
+	tbl regclass,
+	key text,
+	value text,
+	origin text DEFAULT NULL,
+	commit_time timestamptz DEFAULT NULL)
+RETURNS text
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_apply_event';
+
+COMMENT ON FUNCTION kafka_bridge.apply_event(regclass, text, text, text, timestamptz) IS
+'apply one event to a subscribed table as the applier does (e.g. a dead letter once its cause is fixed); the transaction commits with the event''s origin and commit time';
+
 CREATE VIEW kafka_bridge.subscribed_tables AS
-	SELECT relid AS table_name, topic, format, event_prefix, apply_role, created_at
+	SELECT relid AS table_name, topic, format, event_prefix, apply_role, conflict_policy, created_at
 	  FROM kafka_bridge.subscriptions;
 
 COMMENT ON VIEW kafka_bridge.subscribed_tables IS
-'the subscribed tables, their topic, format and event prefix, and the role that applies them';
+'the subscribed tables, their topic, format and event prefix, the role that applies them and their conflict policy';
 
 CREATE VIEW kafka_bridge.subscription_status AS
 	SELECT s.relid AS table_name, s.topic, p.partition, p.next_offset,
@@ -294,10 +367,14 @@ REVOKE ALL ON kafka_bridge.subscriptions FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.apply_progress FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.apply_origins FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.dead_letters FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.tombstones FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.conflicts FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.record_tombstone() FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.subscribed_tables FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.subscription_status FROM PUBLIC;
-REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.unsubscribe(regclass) FROM PUBLIC;
-REVOKE ALL ON FUNCTION kafka_bridge.sync(regclass, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.apply_event(regclass, text, text, text, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.sync(regclass, text, text, text, text) FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.subscribed_tables TO pg_monitor;
 GRANT SELECT ON kafka_bridge.subscription_status TO pg_monitor;

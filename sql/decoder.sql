@@ -56,7 +56,7 @@ INSERT INTO client VALUES (20, 'full');
 SELECT regexp_replace(regexp_replace(regexp_replace(
          replace(data, kafka_bridge.instance_id(), '<instance>'),
          '"lsn":"[0-9A-F]+/[0-9A-F]+"', '"lsn":"<lsn>"', 'g'),
-         '"commit_time":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00"', '"commit_time":"<utc>"'),
+         '"commit_time":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00"', '"commit_time":"<utc>"', 'g'),
          '"xid":\d+', '"xid":<xid>') AS data
   FROM pg_logical_slot_get_changes('regress_slot', NULL, NULL);
 

@@ -58,6 +58,11 @@
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
+#include "utils/datetime.h"
+#include "utils/lsyscache.h"
+#include "storage/lmgr.h"
+#include "access/commit_ts.h"
+#include "catalog/namespace.h"
 
 #include "apply.h"
 #include "kafka_bridge.h"
@@ -79,6 +84,13 @@ typedef struct OriginMark
 	XLogRecPtr	new_lsn;		/* in the batch being applied */
 	uint32		new_seq;
 } OriginMark;
+
+/* The replication origin a source instance's changes are applied under. */
+typedef struct InstanceOrigin
+{
+	char	   *instance;
+	RepOriginId id;
+} InstanceOrigin;
 
 typedef struct TopicPartition
 {
@@ -120,7 +132,11 @@ typedef struct Applier
 	TimestampTz next_metadata;
 	TimestampTz retry_at;
 	int			backoff_ms;
-	RepOriginId origin;
+	RepOriginId origin;			/* for events that carry no version */
+	List	   *origins;		/* InstanceOrigin, in TopMemoryContext */
+	Oid			subs_relid;		/* kafka_bridge.subscriptions */
+	uint32		subs_version;	/* kb_status_subscriptions_version() last read */
+	TimestampTz next_prune;
 	MemoryContext record_cxt;	/* reset after each record */
 	bool		busy;			/* the last batch had records */
 	bool		subs_changed;	/* a batch met new subscriptions */
@@ -204,6 +220,13 @@ read_subscriptions(bool lock)
 								s->topic);
 			subs = foreach_delete_current(subs, lc);
 		}
+		else if (s->policy != KB_POLICY_APPLY_REMOTE && !track_commit_timestamp)
+		{
+			kb_status_set_error(ap.slot, KB_STATE_ERROR,
+								"topic \"%s\" is not applied: its conflict_policy %s needs track_commit_timestamp, which is off; set track_commit_timestamp = on and restart, or subscribe with conflict_policy => 'apply_remote'",
+								s->topic, kb_conflict_policy_name(s->policy));
+			subs = foreach_delete_current(subs, lc);
+		}
 	}
 	return subs;
 }
@@ -220,8 +243,8 @@ subscriptions_signature(List *subs)
 	{
 		KbSubscription *s = lfirst(lc);
 
-		appendStringInfo(&sig, "%u|%s|%d|%s|%u;", s->relid, s->topic, (int) s->format,
-						 s->event_prefix, s->apply_role);
+		appendStringInfo(&sig, "%u|%s|%d|%s|%u|%d;", s->relid, s->topic, (int) s->format,
+						 s->event_prefix, s->apply_role, (int) s->policy);
 	}
 	return sig.data;
 }
@@ -241,9 +264,12 @@ check_subscriptions(void)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	pgstat_report_activity(STATE_RUNNING, "reading kafka_bridge.subscriptions");
+	ap.subs_version = kb_status_subscriptions_version();
 	ap.have_extension = OidIsValid(get_extension_oid(KB_EXTENSION_NAME, true));
 	if (ap.have_extension)
 	{
+		ap.subs_relid = get_relname_relid("subscriptions",
+										  get_namespace_oid(KB_SCHEMA_NAME, false));
 		PushActiveSnapshot(GetTransactionSnapshot());
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
@@ -265,11 +291,6 @@ check_subscriptions(void)
 	MemoryContextSwitchTo(cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 
-	if (ap.origin != InvalidRepOriginId && replorigin_session_origin == InvalidRepOriginId)
-	{
-		replorigin_session_setup(ap.origin);
-		replorigin_session_origin = ap.origin;
-	}
 
 	sig = subscriptions_signature(subs);
 	if (ap.subs_signature && strcmp(sig, ap.subs_signature) == 0)
@@ -455,6 +476,160 @@ header_text(rd_kafka_headers_t *hdrs, const char *name)
 		value == NULL)
 		return NULL;
 	return pnstrdup(value, size);
+}
+
+/* ---- Source transactions ---- */
+
+/* What the records of one source transaction share. */
+typedef struct UnitVersion
+{
+	char	   *origin;			/* NULL: the records carry no version */
+	char	   *commit_time_text;
+	TimestampTz commit_time;
+} UnitVersion;
+
+/*
+ * A commit time as the publisher writes it: ISO 8601 in UTC,
+ * "2026-03-01T09:30:00.123456+00:00"; 0 when it is no such thing.
+ */
+static TimestampTz
+parse_commit_time(const char *text)
+{
+	struct pg_tm tm = {0};
+	int			len = 0;
+	fsec_t		fsec = 0;
+	Timestamp	result;
+
+	if (text == NULL ||
+		sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+			   &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &len) != 6 || len != 19)
+		return DT_NOBEGIN;
+	text += len;
+	if (*text == '.')
+	{
+		int			digits = 0;
+
+		for (text++; isdigit((unsigned char) *text); text++, digits++)
+			if (digits < 6)
+				fsec = fsec * 10 + (*text - '0');
+		if (digits == 0)
+			return DT_NOBEGIN;
+		for (; digits < 6; digits++)
+			fsec *= 10;
+	}
+	if (strcmp(text, "+00:00") != 0 || tm2timestamp(&tm, fsec, NULL, &result) != 0 ||
+		TIMESTAMP_NOT_FINITE(result))
+		return DT_NOBEGIN;
+	return result;
+}
+
+static void
+record_version(rd_kafka_message_t *msg, char **origin, char **commit_time)
+{
+	rd_kafka_headers_t *hdrs = NULL;
+
+	*origin = *commit_time = NULL;
+	if (rd_kafka_message_headers(msg, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		*origin = header_text(hdrs, KB_HEADER_ORIGIN);
+		*commit_time = header_text(hdrs, KB_HEADER_COMMIT_TIME);
+	}
+}
+
+/*
+ * Where the records from start on stop sharing a source transaction's
+ * version (origin and commit time); records of this instance, which are
+ * skipped, go with any.  A version is a row's commit timestamp and origin,
+ * and a transaction has one of each: several source transactions in one
+ * local transaction would give their rows the wrong version.
+ */
+static int
+unit_end(rd_kafka_message_t **msgs, int start, int n, UnitVersion *uv)
+{
+	const char *self = kb_instance_id();
+	bool		keyed = false;
+	int			i;
+
+	memset(uv, 0, sizeof(*uv));
+	for (i = start; i < n; i++)
+	{
+		char	   *origin;
+		char	   *commit_time;
+
+		record_version(msgs[i], &origin, &commit_time);
+		if (origin && strcmp(origin, self) == 0)
+			continue;
+		if (!keyed)
+		{
+			uv->origin = origin;
+			uv->commit_time_text = commit_time;
+			keyed = true;
+			continue;
+		}
+		if ((origin == NULL) != (uv->origin == NULL) ||
+			(commit_time == NULL) != (uv->commit_time_text == NULL) ||
+			(origin && strcmp(origin, uv->origin) != 0) ||
+			(commit_time && strcmp(commit_time, uv->commit_time_text) != 0))
+			break;
+	}
+	uv->commit_time = parse_commit_time(uv->commit_time_text);
+	if (uv->origin == NULL || TIMESTAMP_IS_NOBEGIN(uv->commit_time))
+		uv->origin = NULL;
+	return i;
+}
+
+/* Make the session's replication origin this one. */
+static void
+use_origin(RepOriginId id)
+{
+	if (replorigin_session_origin == id)
+		return;
+	if (replorigin_session_origin != InvalidRepOriginId)
+		replorigin_session_reset();
+	replorigin_session_origin = InvalidRepOriginId;
+	replorigin_session_setup(id);
+	replorigin_session_origin = id;
+}
+
+/*
+ * The next transaction commits with the source's version: under the
+ * replication origin of the source instance (created at first sight), with
+ * the source's commit time as commit timestamp.  Records without a version
+ * go under the applier's own origin, at the local time.
+ */
+static void
+use_unit_version(UnitVersion *uv)
+{
+	RepOriginId id = ap.origin;
+	ListCell   *lc;
+
+	if (uv->origin != NULL)
+	{
+		id = InvalidRepOriginId;
+		foreach(lc, ap.origins)
+			if (strcmp(((InstanceOrigin *) lfirst(lc))->instance, uv->origin) == 0)
+				id = ((InstanceOrigin *) lfirst(lc))->id;
+		if (id == InvalidRepOriginId)
+		{
+			MemoryContext cxt = CurrentMemoryContext;
+			InstanceOrigin *io;
+
+			StartTransactionCommand();
+			id = kb_origin_for_instance(uv->origin);
+			CommitTransactionCommand();
+			MemoryContextSwitchTo(TopMemoryContext);
+			io = palloc(sizeof(InstanceOrigin));
+			io->instance = pstrdup(uv->origin);
+			io->id = id;
+			ap.origins = lappend(ap.origins, io);
+			MemoryContextSwitchTo(cxt);
+		}
+	}
+	if (id == InvalidRepOriginId)
+		return;					/* no extension yet: nothing is applied */
+	use_origin(id);
+	replorigin_session_origin_timestamp = uv->origin ? uv->commit_time : 0;
+	replorigin_session_origin_lsn = InvalidXLogRecPtr;
 }
 
 /* The record's headers as a JSON object (binary values as \x hex). */
@@ -655,8 +830,14 @@ batch_done(rd_kafka_topic_partition_list_t *commit)
 			m->lsn = m->new_lsn;
 			m->seq = m->new_seq;
 		}
-		rd_kafka_topic_partition_list_add(commit, ps->key.topic, ps->key.partition)->offset =
-			ps->next_offset;
+		{
+			rd_kafka_topic_partition_t *tp = rd_kafka_topic_partition_list_find(commit, ps->key.topic,
+																				ps->key.partition);
+
+			if (tp == NULL)
+				tp = rd_kafka_topic_partition_list_add(commit, ps->key.topic, ps->key.partition);
+			tp->offset = ps->next_offset;
+		}
 	}
 	return applied;
 }
@@ -728,12 +909,14 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 	ps->new_next = msg->offset + 1;
 
 	rec.msg = msg;
+	rec.commit_time = DT_NOBEGIN;
 	if (rd_kafka_message_headers(msg, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		uint32		hi,
 					lo;
 
 		rec.origin = header_text(hdrs, KB_HEADER_ORIGIN);
+		rec.commit_time = parse_commit_time(header_text(hdrs, KB_HEADER_COMMIT_TIME));
 		text = header_text(hdrs, KB_HEADER_LSN);
 		seq_text = header_text(hdrs, KB_HEADER_SEQ);
 		/* a position is both: without its number a replay cannot be told */
@@ -820,6 +1003,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool ok = true;
+	uint64		conflicts = kb_conflicts_counted;
 
 	batch_reset();
 	kb_apply_discard();
@@ -835,14 +1019,26 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 		 * and stay so until this batch commits (subscribe() and
 		 * unsubscribe() wait for it): else start over without applying.
 		 */
-		if (strcmp(subscriptions_signature(read_subscriptions(true)),
-				   ap.subs_signature ? ap.subs_signature : "") != 0)
+		if (OidIsValid(ap.subs_relid))
 		{
-			ap.subs_changed = true;
-			ereport(ERROR,
-					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-					 errmsg("the subscriptions changed while records were being applied"),
-					 errdetail("The records are applied again with the new subscriptions.")));
+			uint32		version;
+
+			/* subscribe() and unsubscribe() lock it EXCLUSIVE, and bump the version */
+			LockRelationOid(ap.subs_relid, RowShareLock);
+			version = kb_status_subscriptions_version();
+			if (version != ap.subs_version)
+			{
+				if (strcmp(subscriptions_signature(read_subscriptions(true)),
+						   ap.subs_signature ? ap.subs_signature : "") != 0)
+				{
+					ap.subs_changed = true;
+					ereport(ERROR,
+							(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+							 errmsg("the subscriptions changed while records were being applied"),
+							 errdetail("The records are applied again with the new subscriptions.")));
+				}
+				ap.subs_version = version;
+			}
 		}
 		for (int i = 0; i < n; i++)
 		{
@@ -877,6 +1073,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 		AbortOutOfAnyTransaction();
 		FlushErrorState();
 		kb_apply_discard();
+		kb_conflicts_counted = conflicts;
 		RESUME_INTERRUPTS();
 		MemoryContextSwitchTo(cxt);
 		ok = false;
@@ -922,6 +1119,8 @@ consume_batch(void)
 	TimestampTz deadline = 0;
 	ErrorData  *edata = NULL;
 	bool		ok;
+	int64		applied = 0;
+	rd_kafka_topic_partition_list_t *commit;
 
 	/* until the batch is full, old enough, or no record is coming */
 	while (n < max && (n == 0 || GetCurrentTimestamp() < deadline))
@@ -959,24 +1158,34 @@ consume_batch(void)
 	if (n == 0)
 		return 0;
 
-	ok = apply_batch(msgs, n, false, &edata);
-	if (!ok && !is_transient(edata->sqlerrcode))
+	/* each source transaction's records in a transaction of their own */
+	commit = rd_kafka_topic_partition_list_new(8);
+	ok = true;
+	for (int start = 0, end; ok && start < n; start = end)
 	{
-		/* some record is refused: again one by one, the bad ones set aside */
-		ereport(DEBUG1,
-				(errmsg_internal("kafka_bridge applier applies a batch of %d records one by one", n),
-				 errdetail_internal("%s", edata->message)));
-		ok = apply_batch(msgs, n, true, &edata);
+		UnitVersion uv;
+
+		end = unit_end(msgs, start, n, &uv);
+		use_unit_version(&uv);
+		ok = apply_batch(msgs + start, end - start, false, &edata);
+		if (!ok && !is_transient(edata->sqlerrcode))
+		{
+			/* some record is refused: again one by one, the bad ones set aside */
+			ereport(DEBUG1,
+					(errmsg_internal("kafka_bridge applier applies %d records one by one", end - start),
+					 errdetail_internal("%s", edata->message)));
+			ok = apply_batch(msgs + start, end - start, true, &edata);
+		}
+		if (ok)
+			applied += batch_done(commit);
 	}
+	pg_atomic_add_fetch_u64(&kb_status_slot(ap.slot)->events_applied, applied);
+	pg_atomic_write_u64(&kb_status_slot(ap.slot)->conflicts, kb_conflicts_counted);
+	if (commit->cnt > 0)
+		(void) rd_kafka_commit(rk, commit, 1);
+	rd_kafka_topic_partition_list_destroy(commit);
 	if (ok)
 	{
-		rd_kafka_topic_partition_list_t *commit = rd_kafka_topic_partition_list_new(8);
-		int64		applied = batch_done(commit);
-
-		pg_atomic_add_fetch_u64(&kb_status_slot(ap.slot)->events_applied, applied);
-		if (commit->cnt > 0)
-			(void) rd_kafka_commit(rk, commit, 1);
-		rd_kafka_topic_partition_list_destroy(commit);
 		update_lag(rk);
 		ap.backoff_ms = 0;
 		if (kb_status_slot(ap.slot)->state != KB_STATE_CONNECTED)
@@ -1028,6 +1237,9 @@ kb_applier_loop(int status_slot, const char *dbname)
 	/* like core's apply workers: ordinary triggers and rules do not fire */
 	SetConfigOption("session_replication_role", "replica", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("search_path", "", PGC_SUSET, PGC_S_OVERRIDE);
+	/* a commit lost in a crash is applied again from Kafka, as core's apply workers do */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	kb_conflict_writer = GetUserId();
 
 	for (;;)
 	{
@@ -1053,6 +1265,19 @@ kb_applier_loop(int status_slot, const char *dbname)
 		{
 			check_subscriptions();
 			ap.next_check = TimestampTzPlusMilliseconds(now, 1000);
+		}
+
+		if (ap.have_extension && now >= ap.next_prune)
+		{
+			uint64		pruned;
+
+			begin_work("pruning kafka_bridge.tombstones and kafka_bridge.conflicts");
+			pruned = kb_prune_conflicts();
+			end_work();
+			if (pruned > 0)
+				ereport(DEBUG1,
+						(errmsg_internal("kafka_bridge applier pruned " UINT64_FORMAT " tombstones and conflicts", pruned)));
+			ap.next_prune = TimestampTzPlusMilliseconds(now, 60 * 1000);
 		}
 
 		if (!ap.have_extension)

@@ -39,6 +39,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
+#include "utils/timestamp.h"
 
 #include "apply.h"
 #include "kafka_bridge.h"
@@ -48,7 +49,9 @@ typedef enum PlanKind
 	PLAN_UPSERT,
 	PLAN_UPSERT_MANY,			/* one row per element of array parameters */
 	PLAN_UPDATE,				/* the event leaves some columns unchanged */
-	PLAN_DELETE
+	PLAN_DELETE,
+	PLAN_LOCK,					/* lock the row with a key, read its xmin */
+	PLAN_INSERT					/* insert unless the key exists */
 } PlanKind;
 
 typedef struct ApplyColumn
@@ -329,7 +332,7 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 	}
 
 	initStringInfo(&sql);
-	if (kind == PLAN_UPSERT || kind == PLAN_UPSERT_MANY)
+	if (kind == PLAN_UPSERT || kind == PLAN_UPSERT_MANY || kind == PLAN_INSERT)
 	{
 		bool		any_set = false;
 
@@ -349,9 +352,12 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 		for (int k = 0; k < t->nkeys; k++)
 			appendStringInfo(&sql, "%s%s", k > 0 ? ", " : "",
 							 quote_identifier(t->columns[t->keys[k]].name));
-		appendStringInfoString(&sql, ") DO UPDATE SET ");
+		if (kind == PLAN_INSERT)
+			appendStringInfoString(&sql, ") DO NOTHING");
+		else
+			appendStringInfoString(&sql, ") DO UPDATE SET ");
 		col = -1;
-		while ((col = bms_next_member(columns, col)) >= 0)
+		while (kind != PLAN_INSERT && (col = bms_next_member(columns, col)) >= 0)
 		{
 			if (t->columns[col].key_pos >= 0)
 				continue;
@@ -360,7 +366,7 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 							 quote_identifier(t->columns[col].name));
 			any_set = true;
 		}
-		if (!any_set)
+		if (!any_set && kind != PLAN_INSERT)
 		{
 			/* only key columns: nothing to update */
 			sql.len -= strlen(" DO UPDATE SET ");
@@ -390,10 +396,12 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 							 param_of[k0]);
 		}
 	}
+	else if (kind == PLAN_LOCK)
+		appendStringInfo(&sql, "SELECT xmin FROM %s", t->name);
 	else
 		appendStringInfo(&sql, "DELETE FROM %s", t->name);
 
-	if (kind == PLAN_UPDATE || kind == PLAN_DELETE)
+	if (kind == PLAN_UPDATE || kind == PLAN_DELETE || kind == PLAN_LOCK)
 	{
 		appendStringInfoString(&sql, " WHERE ");
 		for (int k = 0; k < t->nkeys; k++)
@@ -404,6 +412,8 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 							 quote_identifier(c->name), c->eq_operator,
 							 param_of[t->keys[k]]);
 		}
+		if (kind == PLAN_LOCK)
+			appendStringInfoString(&sql, " FOR UPDATE");
 	}
 
 	p = MemoryContextAlloc(t->cxt, sizeof(ApplyPlan));
@@ -678,6 +688,160 @@ chunk_add(ApplyTable *t, Oid apply_role, Bitmapset *columns, KbJsonObject *row)
 	MemoryContextSwitchTo(old);
 }
 
+/* The event's values of the columns, in column order, through their input functions. */
+static void
+event_values(ApplyTable *t, Bitmapset *columns, KbJsonObject *row, Datum *values, char *nulls)
+{
+	int			col = -1;
+	int			n = 0;
+
+	while ((col = bms_next_member(columns, col)) >= 0)
+	{
+		bool		isnull;
+
+		values[n] = column_value(&t->columns[col], kb_json_find(row, t->columns[col].name), &isnull);
+		nulls[n++] = isnull ? 'n' : ' ';
+	}
+}
+
+static void
+missing_row_error(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_NO_DATA_FOUND),
+			 errmsg("the row is missing locally and the event leaves columns unchanged, whose values it does not carry")));
+}
+
+/* Run a plan; an error names the table. */
+static void
+run_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns, Datum *values, char *nulls)
+{
+	int			rc = SPI_execute_plan(get_plan(t, kind, columns), values, nulls, false, 0);
+
+	if (rc < 0)
+		elog(ERROR, "applying an event to %s failed: %s", t->name, SPI_result_code_string(rc));
+}
+
+/*
+ * Apply a PUT or DELETE under a conflict policy: lock the local row and
+ * compare its version with the event's (or, when there is no row, the
+ * tombstone's), record a conflict when another origin wrote it, and apply
+ * the change when the policy says so.  values and nulls are the event's
+ * columns, in column order.
+ */
+static KbApplyOutcome
+apply_versioned(ApplyTable *t, KbSubscription *sub, KbRecord *rec, bool is_delete,
+				bool has_unchanged, Bitmapset *columns, Datum *values, char *nulls,
+				char **reason)
+{
+	KbVersion	remote = {rec->commit_time, rec->origin};
+	Bitmapset  *keycols = NULL;
+	Datum	   *keyvals = palloc(sizeof(Datum) * t->nkeys);
+	Oid		   *keytypes = palloc(sizeof(Oid) * t->nkeys);
+	Datum	   *lockvals = palloc(sizeof(Datum) * t->nkeys);
+	char	   *key;
+	int			col = -1;
+	int			param = 0;
+	int			nlock = 0;
+
+	/* the key, in key order for its text and in column order for the lock */
+	while ((col = bms_next_member(columns, col)) >= 0)
+	{
+		if (t->columns[col].key_pos >= 0)
+		{
+			keyvals[t->columns[col].key_pos] = values[param];
+			keytypes[t->columns[col].key_pos] = t->columns[col].typid;
+			keycols = bms_add_member(keycols, col);
+			lockvals[nlock++] = values[param];
+		}
+		param++;
+	}
+	key = kb_key_text(t->nkeys, keyvals, keytypes);
+
+	for (int attempt = 1;; attempt++)
+	{
+		KbVersion	local = {0};
+		bool		found;
+		bool		tombstone = false;
+		bool		same_txn = false;
+		bool		conflict;
+		bool		apply;
+
+		run_plan(t, PLAN_LOCK, keycols, lockvals, NULL);
+		found = (SPI_processed > 0);
+		if (found)
+		{
+			bool		isnull;
+			TransactionId xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
+																	 SPI_tuptable->tupdesc, 1, &isnull));
+
+			same_txn = TransactionIdIsCurrentTransactionId(xmin);
+			kb_row_version(xmin, &remote, &local);
+		}
+		else
+			tombstone = kb_tombstone_find(sub->relid, key, &local);
+
+		if (!found && is_delete)
+		{
+			/* nothing to delete: remember the newest delete of the key */
+			if (!tombstone || kb_version_cmp(&remote, &local) > 0)
+				kb_tombstone_store(sub->relid, key, &remote);
+			return KB_APPLY_APPLIED;
+		}
+
+		conflict = (found || tombstone) && !same_txn && strcmp(local.origin, remote.origin) != 0;
+		if (sub->policy == KB_POLICY_LAST_WRITE_WINS)
+			apply = !(found || tombstone) || kb_version_cmp(&remote, &local) >= 0;
+		else
+			apply = !conflict;
+		if (conflict)
+			kb_conflict_record(sub->relid, key,
+							   !found ? "update_deleted" :
+							   is_delete ? "delete_origin_differs" : "update_origin_differs",
+							   &local, &remote, sub->policy,
+							   apply ? "applied_remote" :
+							   sub->policy == KB_POLICY_ERROR ? "dead_letter" : "kept_local",
+							   rec->msg->offset >= 0 ? sub->topic : NULL,
+							   rec->msg->partition, rec->msg->offset);
+		if (!apply)
+		{
+			if (sub->policy == KB_POLICY_ERROR)
+				return reject(reason, "conflict: the row with key %s was %s by instance \"%s\" at %s (conflict_policy is error)",
+							  key, found ? "written" : "deleted", local.origin,
+							  TIMESTAMP_IS_NOBEGIN(local.commit_time) ? "an unknown time" :
+							  timestamptz_to_str(local.commit_time));
+			return KB_APPLY_SKIPPED;
+		}
+
+		if (is_delete)
+		{
+			run_plan(t, PLAN_DELETE, columns, values, nulls);
+			kb_tombstone_store(sub->relid, key, &remote);
+			return KB_APPLY_APPLIED;
+		}
+		if (found)
+		{
+			run_plan(t, has_unchanged ? PLAN_UPDATE : PLAN_UPSERT, columns, values, nulls);
+			return KB_APPLY_APPLIED;
+		}
+		if (has_unchanged)
+			missing_row_error();
+		run_plan(t, PLAN_INSERT, columns, values, nulls);
+		if (SPI_processed == 1)
+		{
+			if (tombstone)
+				kb_tombstone_forget(sub->relid, key);
+			return KB_APPLY_APPLIED;
+		}
+		/* the key appeared since the lock found nothing: look again */
+		if (attempt == 3)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("a row with key %s exists in %s but the apply role cannot see it", key, t->name),
+					 errhint("Check the table's row security policies for the apply role.")));
+	}
+}
+
 KbApplyOutcome
 kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 {
@@ -699,9 +863,6 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 	Bitmapset  *columns = NULL;
 	Datum	   *values;
 	char	   *nulls;
-	int			nparams = 0;
-	int			rc;
-	SPIPlanPtr	plan;
 	PlanKind	plan_kind;
 
 	current_column = NULL;
@@ -825,6 +986,15 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 			columns = bms_add_member(columns, t->keys[k]);
 	}
 
+	if (sub->policy != KB_POLICY_APPLY_REMOTE && !TIMESTAMP_IS_NOBEGIN(rec->commit_time) && rec->origin != NULL)
+	{
+		/* the versions decide: one row at a time */
+		kb_apply_flush();
+		event_values(t, columns, &row, values, nulls);
+		return apply_versioned(t, sub, rec, kind == EV_DELETE, unchanged != NIL,
+							   columns, values, nulls, reason);
+	}
+
 	if (gather && kind == EV_PUT && unchanged == NIL && t->many_ok)
 	{
 		chunk_add(t, sub->apply_role, columns, &row);
@@ -832,28 +1002,11 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 	}
 	kb_apply_flush();
 
-	/* the values, in column order: each through its type's input function */
-	{
-		int			col = -1;
-
-		while ((col = bms_next_member(columns, col)) >= 0)
-		{
-			bool		isnull;
-
-			values[nparams] = column_value(&t->columns[col],
-										   kb_json_find(&row, t->columns[col].name), &isnull);
-			nulls[nparams++] = isnull ? 'n' : ' ';
-		}
-	}
+	event_values(t, columns, &row, values, nulls);
 
 	plan_kind = kind == EV_DELETE ? PLAN_DELETE : unchanged != NIL ? PLAN_UPDATE : PLAN_UPSERT;
-	plan = get_plan(t, plan_kind, columns);
-	rc = SPI_execute_plan(plan, values, nulls, false, 0);
-	if (rc < 0)
-		elog(ERROR, "applying an event to %s failed: %s", t->name, SPI_result_code_string(rc));
+	run_plan(t, plan_kind, columns, values, nulls);
 	if (plan_kind == PLAN_UPDATE && SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("the row is missing locally and the event leaves columns unchanged, whose values it does not carry")));
+		missing_row_error();
 	return KB_APPLY_APPLIED;
 }

@@ -13,11 +13,48 @@
 #include "postgres.h"
 
 #include "common/jsonapi.h"
+#include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
+#include "replication/origin.h"
 
 #include <librdkafka/rdkafka.h>
 
 #include "event_codec.h"
+
+/* ---- conflict.c ---- */
+
+typedef enum KbConflictPolicy
+{
+	KB_POLICY_LAST_WRITE_WINS,	/* the newer version wins, everywhere */
+	KB_POLICY_KEEP_LOCAL,		/* a row another origin wrote keeps its version */
+	KB_POLICY_APPLY_REMOTE,		/* no check: the remote change is applied */
+	KB_POLICY_ERROR				/* a conflicting change goes to the dead letters */
+} KbConflictPolicy;
+
+/* A row version: who wrote it, when. */
+typedef struct KbVersion
+{
+	TimestampTz commit_time;	/* DT_NOBEGIN: unknown, older than any */
+	const char *origin;			/* instance id */
+} KbVersion;
+
+extern Oid	kb_conflict_writer;
+extern uint64 kb_conflicts_counted;
+
+extern KbConflictPolicy kb_parse_conflict_policy(const char *name);
+extern const char *kb_conflict_policy_name(KbConflictPolicy policy);
+extern int	kb_version_cmp(const KbVersion *a, const KbVersion *b);
+extern RepOriginId kb_origin_for_instance(const char *instance);
+extern void kb_row_version(TransactionId xmin, const KbVersion *current, KbVersion *v);
+extern char *kb_key_text(int nkeys, const Datum *values, const Oid *types);
+extern bool kb_tombstone_find(Oid relid, const char *key, KbVersion *v);
+extern void kb_tombstone_store(Oid relid, const char *key, const KbVersion *v);
+extern void kb_tombstone_forget(Oid relid, const char *key);
+extern void kb_conflict_record(Oid relid, const char *key, const char *kind,
+							   const KbVersion *local, const KbVersion *remote,
+							   KbConflictPolicy policy, const char *resolution,
+							   const char *topic, int32 partition, int64 offset);
+extern uint64 kb_prune_conflicts(void);
 
 /* ---- subscribe.c ---- */
 
@@ -29,6 +66,7 @@ typedef struct KbSubscription
 	KbEventFormat format;
 	char	   *event_prefix;
 	Oid			apply_role;
+	KbConflictPolicy policy;
 } KbSubscription;
 
 /*
@@ -103,6 +141,7 @@ typedef struct KbRecord
 	const char *origin;			/* "origin" header, or NULL */
 	XLogRecPtr	lsn;			/* "lsn" header, or InvalidXLogRecPtr */
 	uint32		seq;			/* "seq" header, or 0 */
+	TimestampTz commit_time;	/* "commit_time" header, or DT_NOBEGIN when none */
 } KbRecord;
 
 /*

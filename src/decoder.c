@@ -56,6 +56,7 @@
 #include "catalog/partition.h"
 #include "catalog/pg_index.h"
 #include "catalog/pg_namespace.h"
+#include "catalog/pg_type.h"
 #include "lib/ilist.h"
 #include "libpq/pqformat.h"
 #include "replication/logical.h"
@@ -63,7 +64,9 @@
 #include "replication/output_plugin.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
+#include "utils/datetime.h"
 #include "utils/inval.h"
+#include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -119,6 +122,7 @@ typedef struct KbDecodingData
 	char		lsn[32];		/* commit LSN as %X/%X */
 	uint32		seq;			/* the record's number in the transaction */
 	char		seq_text[16];
+	char		commit_time[MAXDATELEN + 1];	/* ISO 8601, UTC */
 	StringInfoData txn_meta;	/* the transaction's envelope fields */
 
 	/* scratch */
@@ -556,6 +560,12 @@ prepare_transaction(KbDecodingData *data, ReorderBufferTXN *txn)
 	resetStringInfo(&data->origin_json);
 	kb_append_json_string(&data->origin_json, data->origin);
 	snprintf(data->lsn, sizeof(data->lsn), "%X/%X", LSN_FORMAT_ARGS(txn->final_lsn));
+	{
+		int			utc = 0;
+
+		JsonEncodeDateTime(data->commit_time, TimestampTzGetDatum(txn->xact_time.commit_time),
+						   TIMESTAMPTZOID, &utc);
+	}
 
 	resetStringInfo(meta);
 	appendStringInfoString(meta, ",\"origin\":");
@@ -642,6 +652,12 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 		appendStringInfoString(out, data->seq_text);
 		appendStringInfoChar(out, '"');
 	}
+	if (data->include_timestamp)
+	{
+		appendStringInfoString(out, ",\"commit_time\":\"");
+		appendStringInfoString(out, data->commit_time);
+		appendStringInfoChar(out, '"');
+	}
 	appendStringInfoString(out, "},\"value\":");
 	if (null_value)
 		appendStringInfoString(out, "null");
@@ -662,7 +678,7 @@ record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
 
 			memcpy(out->data + data->value_start, &len, sizeof(len));
 		}
-		pq_sendint16(out, data->include_lsn ? 4 : 2);
+		pq_sendint16(out, 2 + (data->include_lsn ? 2 : 0) + (data->include_timestamp ? 1 : 0));
 		send_header(out, KB_HEADER_EVENT, entry->event[event]);
 		send_header(out, KB_HEADER_ORIGIN, data->origin);
 		if (data->include_lsn)
@@ -670,6 +686,8 @@ record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
 			send_header(out, KB_HEADER_LSN, data->lsn);
 			send_header(out, KB_HEADER_SEQ, data->seq_text);
 		}
+		if (data->include_timestamp)
+			send_header(out, KB_HEADER_COMMIT_TIME, data->commit_time);
 	}
 	else
 		appendStringInfoChar(out, '}');

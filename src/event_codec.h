@@ -51,6 +51,7 @@
 #define KB_HEADER_ORIGIN	"origin"
 #define KB_HEADER_LSN		"lsn"
 #define KB_HEADER_SEQ		"seq"	/* the record's number in its transaction */
+#define KB_HEADER_COMMIT_TIME "commit_time"	/* the transaction's, ISO 8601 in UTC */
 
 /* Event type suffixes: "<PREFIX>-PUT" and so on. */
 #define KB_EVENT_PUT		"PUT"

@@ -43,6 +43,8 @@ extern int	kb_worker_restart_delay;
 extern int	kb_probe_interval;
 extern int	kb_max_event_size;	/* kB */
 extern int	kb_apply_batch_size;
+extern int	kb_tombstone_retention;
+extern int	kb_conflict_retention;
 
 /* true when loaded through shared_preload_libraries (workers and shmem exist) */
 extern bool kb_preloaded;
@@ -113,6 +115,7 @@ typedef struct KbWorkerSlot
 	pg_atomic_uint64 events_applied;
 	pg_atomic_uint64 publish_lag_bytes;
 	pg_atomic_uint64 consumer_lag;
+	pg_atomic_uint64 conflicts;	/* met by the applier */
 } KbWorkerSlot;
 
 extern void kb_status_request_shmem(void);
@@ -129,6 +132,8 @@ extern const char *kb_state_name(KbWorkerState state);
 extern const char *kb_role_name(KbWorkerRole role);
 extern void kb_status_set_latch(int index, Oid dboid, struct Latch *latch);
 extern void kb_status_wake(Oid dboid, KbWorkerRole role);
+extern void kb_status_subscriptions_changed(void);
+extern uint32 kb_status_subscriptions_version(void);
 
 /* ---- launcher.c / worker.c ---- */
 

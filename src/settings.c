@@ -33,6 +33,8 @@ char	   *kb_ssl_key_password = NULL;
 int			kb_worker_restart_delay = 5;
 int			kb_max_event_size;
 int			kb_apply_batch_size;
+int			kb_tombstone_retention;
+int			kb_conflict_retention;
 int			kb_probe_interval = 5;
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
@@ -496,10 +498,24 @@ kb_define_settings(void)
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("kafka_bridge.apply_batch_size",
-							"Most records the applier applies in one transaction.",
-							NULL,
+							"Most records the applier gathers before applying them.",
+							"Records are applied in a transaction per source transaction.",
 							&kb_apply_batch_size, 1000, 1, 100000,
 							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.tombstone_retention",
+							"How long the version of a deleted row is kept, so that an older change arriving later cannot bring the row back.",
+							NULL,
+							&kb_tombstone_retention, 7 * 24 * 3600, 60, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.conflict_retention",
+							"How long kafka_bridge.conflicts keeps a conflict.",
+							NULL,
+							&kb_conflict_retention, 30 * 24 * 3600, 60, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("kafka_bridge");

@@ -25,6 +25,8 @@
 typedef struct KbStatusShared
 {
 	LWLock	   *lock;
+	/* bumped by every change of the subscriptions, in any database */
+	pg_atomic_uint32 subscriptions_version;
 	KbWorkerSlot slots[KB_MAX_WORKERS];
 } KbStatusShared;
 
@@ -48,6 +50,7 @@ kb_status_init_shmem(void)
 	{
 		memset(kb_status, 0, sizeof(KbStatusShared));
 		kb_status->lock = &(GetNamedLWLockTranche(KB_EXTENSION_NAME))->lock;
+		pg_atomic_init_u32(&kb_status->subscriptions_version, 0);
 		for (int i = 0; i < KB_MAX_WORKERS; i++)
 		{
 			KbWorkerSlot *s = &kb_status->slots[i];
@@ -56,6 +59,7 @@ kb_status_init_shmem(void)
 			pg_atomic_init_u64(&s->events_applied, 0);
 			pg_atomic_init_u64(&s->publish_lag_bytes, 0);
 			pg_atomic_init_u64(&s->consumer_lag, 0);
+			pg_atomic_init_u64(&s->conflicts, 0);
 		}
 	}
 	LWLockRelease(AddinShmemInitLock);
@@ -92,6 +96,7 @@ kb_status_claim(const char *dbname, KbWorkerRole role)
 			pg_atomic_write_u64(&s->events_applied, 0);
 			pg_atomic_write_u64(&s->publish_lag_bytes, 0);
 			pg_atomic_write_u64(&s->consumer_lag, 0);
+			pg_atomic_write_u64(&s->conflicts, 0);
 			found = i;
 		}
 	}
@@ -194,6 +199,24 @@ kb_status_wake(Oid dboid, KbWorkerRole role)
 	}
 }
 
+/*
+ * The subscriptions changed (called before the change commits, with
+ * kafka_bridge.subscriptions locked): the applier, which compares this
+ * number at the start of each transaction, reads them again.
+ */
+void
+kb_status_subscriptions_changed(void)
+{
+	if (kb_status != NULL)
+		pg_atomic_fetch_add_u32(&kb_status->subscriptions_version, 1);
+}
+
+uint32
+kb_status_subscriptions_version(void)
+{
+	return kb_status != NULL ? pg_atomic_read_u32(&kb_status->subscriptions_version) : 0;
+}
+
 const char *
 kb_state_name(KbWorkerState state)
 {
@@ -243,8 +266,8 @@ kafka_bridge_worker_status(PG_FUNCTION_ARGS)
 	{
 		KbWorkerSlot *s = &kb_status->slots[i];
 		KbWorkerSlot copy;
-		Datum		values[14];
-		bool		nulls[14] = {0};
+		Datum		values[15];
+		bool		nulls[15] = {0};
 		int			n = 0;
 
 		LWLockAcquire(kb_status->lock, LW_SHARED);
@@ -273,6 +296,7 @@ kafka_bridge_worker_status(PG_FUNCTION_ARGS)
 		values[n++] = Int64GetDatum((int64) pg_atomic_read_u64(&s->events_applied));
 		values[n++] = Int64GetDatum((int64) pg_atomic_read_u64(&s->publish_lag_bytes));
 		values[n++] = Int64GetDatum((int64) pg_atomic_read_u64(&s->consumer_lag));
+		values[n++] = Int64GetDatum((int64) pg_atomic_read_u64(&s->conflicts));
 		Assert(n == lengthof(values));
 
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);

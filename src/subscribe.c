@@ -14,6 +14,7 @@
 #include "postgres.h"
 
 #include "access/relation.h"
+#include "access/commit_ts.h"
 #include "access/xact.h"
 #include "catalog/catalog.h"
 #include "catalog/namespace.h"
@@ -27,7 +28,10 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/guc.h"
 #include "utils/syscache.h"
+#include "utils/timestamp.h"
+#include "replication/origin.h"
 
 #include "apply.h"
 #include "kafka_bridge.h"
@@ -35,6 +39,7 @@
 PG_FUNCTION_INFO_V1(kafka_bridge_subscribe);
 PG_FUNCTION_INFO_V1(kafka_bridge_unsubscribe);
 PG_FUNCTION_INFO_V1(kafka_bridge_sync);
+PG_FUNCTION_INFO_V1(kafka_bridge_apply_event);
 
 extern Datum kafka_bridge_publish(PG_FUNCTION_ARGS);
 
@@ -122,11 +127,57 @@ check_subscribable(Relation rel)
 	}
 }
 
-/* Wake the applier when the transaction commits. */
+/*
+ * Before changing the subscriptions: wait for the batch the applier is
+ * applying under the current ones (it holds a ROW SHARE lock on the table
+ * for each transaction), and keep it from starting another until this
+ * transaction ends.
+ */
+static void
+lock_subscriptions(void)
+{
+	run_as_owner("LOCK TABLE kafka_bridge.subscriptions IN EXCLUSIVE MODE", 0, NULL, NULL, NULL);
+}
+
+/*
+ * The subscriptions changed: the applier reads them again before its next
+ * transaction (the lock taken above orders it after this one), and is woken
+ * when this transaction commits.
+ */
 static void
 subscriptions_changed(void)
 {
+	kb_status_subscriptions_changed();
 	kb_subscriptions_changed = true;
+}
+
+/*
+ * The trigger that records tombstones of local deletes, on a table whose
+ * policy compares versions; none on one that applies remote changes
+ * unchecked.
+ */
+static void
+set_tombstone_trigger(Relation rel, bool wanted)
+{
+	char	   *qualified = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+													   RelationGetRelationName(rel));
+
+	Oid			types[1] = {OIDOID};
+	Datum		values[1] = {ObjectIdGetDatum(RelationGetRelid(rel))};
+	bool		present = run_as_owner("SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1 "
+									   "AND tgname OPERATOR(pg_catalog.=) 'kafka_bridge_tombstone'",
+									   1, types, values, NULL) > 0;
+
+	if (present == wanted)
+		return;
+	if (present)
+		run_as_owner(psprintf("DROP TRIGGER kafka_bridge_tombstone ON %s", qualified),
+					 0, NULL, NULL, NULL);
+	else
+		run_as_owner(psprintf("CREATE TRIGGER kafka_bridge_tombstone AFTER DELETE OR UPDATE ON %s "
+							  "FOR EACH ROW EXECUTE FUNCTION kafka_bridge.record_tombstone()",
+							  qualified),
+					 0, NULL, NULL, NULL);
 }
 
 /*
@@ -144,8 +195,9 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	char	   *prefix;
 	KbEventFormat format;
 	Oid			role;
-	Oid			types[5] = {OIDOID, TEXTOID, TEXTOID, TEXTOID, OIDOID};
-	Datum		values[5];
+	KbConflictPolicy policy;
+	Oid			types[6] = {OIDOID, TEXTOID, TEXTOID, TEXTOID, OIDOID, TEXTOID};
+	Datum		values[6];
 	int			n;
 
 	if (PG_ARGISNULL(0))
@@ -155,6 +207,8 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	relid = PG_GETARG_OID(0);
 	format = kb_parse_format(PG_ARGISNULL(2) ? "envelope" :
 							 text_to_cstring(PG_GETARG_TEXT_PP(2)));
+	policy = kb_parse_conflict_policy(PG_NARGS() < 6 || PG_ARGISNULL(5) ? "last_write_wins" :
+									  text_to_cstring(PG_GETARG_TEXT_PP(5)));
 
 	rel = kb_open_owned_table(relid);
 	check_subscribable(rel);
@@ -179,6 +233,9 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	values[2] = CStringGetTextDatum(format == KB_FORMAT_FLAT ? "flat" : "envelope");
 	values[3] = CStringGetTextDatum(prefix);
 	values[4] = ObjectIdGetDatum(role);
+	values[5] = CStringGetTextDatum(kb_conflict_policy_name(policy));
+
+	lock_subscriptions();
 
 	/* one table per topic: two tables fed by one topic would fight over it */
 	n = run_as_owner("SELECT 1 FROM kafka_bridge.subscriptions WHERE topic = $2 AND relid <> $1",
@@ -196,11 +253,23 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	run_as_owner("DELETE FROM kafka_bridge.apply_origins p USING kafka_bridge.subscriptions s "
 				 "WHERE s.relid = $1 AND s.topic <> $2 AND p.topic = s.topic",
 				 2, types, values, NULL);
-	run_as_owner("INSERT INTO kafka_bridge.subscriptions (relid, topic, format, event_prefix, apply_role) "
-				 "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (relid) DO UPDATE SET "
+	run_as_owner("INSERT INTO kafka_bridge.subscriptions (relid, topic, format, event_prefix, apply_role, conflict_policy) "
+				 "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (relid) DO UPDATE SET "
 				 "topic = excluded.topic, format = excluded.format, "
-				 "event_prefix = excluded.event_prefix, apply_role = excluded.apply_role",
-				 5, types, values, NULL);
+				 "event_prefix = excluded.event_prefix, apply_role = excluded.apply_role, "
+				 "conflict_policy = excluded.conflict_policy",
+				 6, types, values, NULL);
+	set_tombstone_trigger(rel, policy != KB_POLICY_APPLY_REMOTE);
+
+	/* versions are commit timestamps: without them the applier waits */
+	if (policy != KB_POLICY_APPLY_REMOTE && !track_commit_timestamp)
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("topic \"%s\" is not applied to table \"%s\" while track_commit_timestamp is off",
+						topic, relname),
+				 errdetail("Conflict policy %s compares the commit timestamps of row versions.",
+						   kb_conflict_policy_name(policy)),
+				 errhint("Set track_commit_timestamp = on in postgresql.conf and restart, or subscribe with conflict_policy => 'apply_remote'.")));
 
 	/* only the applier of a listed database applies: say so when there is none */
 	{
@@ -232,6 +301,7 @@ kafka_bridge_unsubscribe(PG_FUNCTION_ARGS)
 	Oid			types[1] = {OIDOID};
 	Datum		values[1] = {ObjectIdGetDatum(relid)};
 
+	lock_subscriptions();
 	run_as_owner("DELETE FROM kafka_bridge.apply_progress p USING kafka_bridge.subscriptions s "
 				 "WHERE s.relid = $1 AND p.topic = s.topic", 1, types, values, NULL);
 	run_as_owner("DELETE FROM kafka_bridge.apply_origins p USING kafka_bridge.subscriptions s "
@@ -242,6 +312,8 @@ kafka_bridge_unsubscribe(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("table \"%s\" is not subscribed", RelationGetRelationName(rel)),
 				 errhint("The view kafka_bridge.subscribed_tables lists the subscribed tables.")));
+	set_tombstone_trigger(rel, false);
+	run_as_owner("DELETE FROM kafka_bridge.tombstones WHERE relid = $1", 1, types, values, NULL);
 	subscriptions_changed();
 	relation_close(rel, NoLock);
 	PG_RETURN_VOID();
@@ -257,22 +329,26 @@ Datum
 kafka_bridge_sync(PG_FUNCTION_ARGS)
 {
 	LOCAL_FCINFO(pub, 5);
-	LOCAL_FCINFO(sub, 5);
+	LOCAL_FCINFO(sub, 6);
 
 	InitFunctionCallInfoData(*pub, NULL, 5, InvalidOid, NULL, NULL);
-	InitFunctionCallInfoData(*sub, NULL, 5, InvalidOid, NULL, NULL);
+	InitFunctionCallInfoData(*sub, NULL, 6, InvalidOid, NULL, NULL);
 
 	/* publish(tbl, topic, event_prefix, format, tombstones) */
 	for (int i = 0; i < 5; i++)
-		pub->args[i].isnull = sub->args[i].isnull = true;
+		pub->args[i].isnull = true;
+	for (int i = 0; i < 6; i++)
+		sub->args[i].isnull = true;
 	pub->args[0] = fcinfo->args[0];
 	pub->args[1] = fcinfo->args[1];
 	pub->args[2] = fcinfo->args[3];
 	pub->args[3] = fcinfo->args[2];
 
-	/* subscribe(tbl, topic, format, event_prefix, apply_role) */
+	/* subscribe(tbl, topic, format, event_prefix, apply_role, conflict_policy) */
 	for (int i = 0; i < 4; i++)
 		sub->args[i] = fcinfo->args[i];
+	if (PG_NARGS() > 4)
+		sub->args[5] = fcinfo->args[4];
 
 	(void) kafka_bridge_publish(pub);
 	(void) kafka_bridge_subscribe(sub);
@@ -290,7 +366,8 @@ kb_forget_dropped_subscriptions(void)
 					 "WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) s.relid::pg_catalog.oid) "
 					 "RETURNING topic), "
 					 "p AS (DELETE FROM kafka_bridge.apply_progress WHERE topic IN (SELECT topic FROM gone)), "
-					 "o AS (DELETE FROM kafka_bridge.apply_origins WHERE topic IN (SELECT topic FROM gone)) "
+					 "o AS (DELETE FROM kafka_bridge.apply_origins WHERE topic IN (SELECT topic FROM gone)), "
+					 "t AS (DELETE FROM kafka_bridge.tombstones t WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) t.relid::pg_catalog.oid)) "
 					 "SELECT topic FROM gone", 0, NULL, NULL, NULL) > 0)
 		subscriptions_changed();
 }
@@ -307,9 +384,9 @@ kb_load_subscriptions(bool lock)
 	int			rc;
 
 	rc = SPI_execute(lock ?
-					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid "
+					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid, conflict_policy "
 					 "FROM kafka_bridge.subscriptions ORDER BY topic FOR SHARE" :
-					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid "
+					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid, conflict_policy "
 					 "FROM kafka_bridge.subscriptions ORDER BY topic", !lock, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "reading kafka_bridge.subscriptions failed: %s", SPI_result_code_string(rc));
@@ -326,7 +403,148 @@ kb_load_subscriptions(bool lock)
 			KB_FORMAT_FLAT : KB_FORMAT_ENVELOPE;
 		s->event_prefix = SPI_getvalue(tup, desc, 4);
 		s->apply_role = DatumGetObjectId(SPI_getbinval(tup, desc, 5, &isnull));
+		s->policy = kb_parse_conflict_policy(SPI_getvalue(tup, desc, 6));
 		result = lappend(result, s);
 	}
 	return result;
+}
+
+/* ---- kafka_bridge.apply_event() ---- */
+
+static bool apply_event_origin_set = false;
+
+/* The transaction that apply_event() gave a replication origin ended. */
+static void
+apply_event_xact_end(XactEvent event, void *arg)
+{
+	if (!apply_event_origin_set ||
+		(event != XACT_EVENT_COMMIT && event != XACT_EVENT_ABORT &&
+		 event != XACT_EVENT_PARALLEL_COMMIT && event != XACT_EVENT_PARALLEL_ABORT))
+		return;
+	replorigin_session_reset();
+	replorigin_session_origin = InvalidRepOriginId;
+	replorigin_session_origin_timestamp = 0;
+	apply_event_origin_set = false;
+}
+
+/*
+ * kafka_bridge.apply_event(tbl, key, value, origin, commit_time): apply one
+ * event to a subscribed table as the applier does, conflict policy
+ * included, in the caller's transaction, which commits with the event's
+ * version (origin instance and commit time).  For replaying a dead letter
+ * once its cause is fixed, and for testing races.  Returns applied,
+ * skipped, or rejected with the reason.
+ */
+Datum
+kafka_bridge_apply_event(PG_FUNCTION_ARGS)
+{
+	static bool callback_registered = false;
+	Oid			relid;
+	List	   *subs;
+	ListCell   *lc;
+	KbSubscription *sub = NULL;
+	rd_kafka_message_t msg = {0};
+	KbRecord	rec = {0};
+	char	   *reason = NULL;
+	KbApplyOutcome outcome;
+	Oid			save_userid;
+	int			save_sec;
+	int			nestlevel;
+	Oid			save_writer = kb_conflict_writer;
+
+	if (!superuser())
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("only superusers may apply events by hand"),
+				 errdetail("The transaction commits under a replication origin, with the event's commit time.")));
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the table must not be null")));
+	relid = PG_GETARG_OID(0);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	subs = kb_load_subscriptions(false);
+	foreach(lc, subs)
+		if (((KbSubscription *) lfirst(lc))->relid == relid)
+			sub = lfirst(lc);
+	if (sub == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("table \"%s\" is not subscribed", get_rel_name(relid)),
+				 errhint("Events are applied to subscribed tables only, with their subscription's format and policy.")));
+
+	if (sub->policy != KB_POLICY_APPLY_REMOTE && !track_commit_timestamp)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("conflict policy %s needs track_commit_timestamp, which is off",
+						kb_conflict_policy_name(sub->policy)),
+				 errhint("Set track_commit_timestamp = on in postgresql.conf and restart.")));
+	if (!PG_ARGISNULL(1))
+	{
+		msg.key = text_to_cstring(PG_GETARG_TEXT_PP(1));
+		msg.key_len = strlen(msg.key);
+	}
+	if (!PG_ARGISNULL(2))
+	{
+		msg.payload = text_to_cstring(PG_GETARG_TEXT_PP(2));
+		msg.len = strlen(msg.payload);
+	}
+	msg.partition = -1;
+	msg.offset = -1;
+	rec.msg = &msg;
+	rec.origin = PG_ARGISNULL(3) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(3));
+	rec.commit_time = PG_ARGISNULL(4) ? DT_NOBEGIN : PG_GETARG_TIMESTAMPTZ(4);
+	if (rec.origin && strcmp(rec.origin, kb_instance_id()) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the event's origin is this instance"),
+				 errdetail("An instance's own changes are never applied to it.")));
+
+	/* one version per transaction, as the applier commits it */
+	if (rec.origin && !TIMESTAMP_IS_NOBEGIN(rec.commit_time))
+	{
+		RepOriginId id = kb_origin_for_instance(rec.origin);
+
+		if (apply_event_origin_set &&
+			(replorigin_session_origin != id || replorigin_session_origin_timestamp != rec.commit_time))
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("a transaction can apply the events of one source transaction only"),
+					 errdetail("Its commit takes the origin and commit time of the events, which give the rows their version.")));
+		if (!apply_event_origin_set)
+		{
+			if (replorigin_session_origin != InvalidRepOriginId)
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_IN_USE),
+						 errmsg("this session already has a replication origin")));
+			if (!callback_registered)
+				RegisterXactCallback(apply_event_xact_end, NULL);
+			callback_registered = true;
+			replorigin_session_setup(id);
+			replorigin_session_origin = id;
+			replorigin_session_origin_timestamp = rec.commit_time;
+			apply_event_origin_set = true;
+		}
+	}
+
+	/* as the applier: no ordinary trigger fires, as the subscription's role */
+	nestlevel = NewGUCNestLevel();
+	(void) set_config_option("session_replication_role", "replica", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("search_path", "", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	kb_conflict_writer = GetUserId();
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	outcome = kb_apply_record(sub, &rec, false, &reason);
+	SetUserIdAndSecContext(save_userid, save_sec);
+	kb_conflict_writer = save_writer;
+	AtEOXact_GUC(true, nestlevel);
+	SPI_finish();
+
+	PG_RETURN_TEXT_P(cstring_to_text(outcome == KB_APPLY_APPLIED ? "applied" :
+									 outcome == KB_APPLY_SKIPPED ? "skipped" :
+									 psprintf("rejected: %s", reason)));
 }

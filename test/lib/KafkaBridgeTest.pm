@@ -58,6 +58,7 @@ sub kb_node
 shared_preload_libraries = '$preload'
 wal_level = logical
 max_worker_processes = 16
+track_commit_timestamp = on
 restart_after_crash = on
 output_plugin_libraries = 'pgoutput, test_decoding, kafka_bridge'
 kafka_bridge.bootstrap_servers = '$bootstrap'
