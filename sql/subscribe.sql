@@ -84,6 +84,66 @@ SELECT kafka_bridge.unsubscribe('regress_sync');
 DROP TABLE regress_sub_by_index;
 SELECT table_name FROM kafka_bridge.subscribed_tables ORDER BY 1;
 
+-- conflict policies: last_write_wins by default; a bad one is named
+SELECT kafka_bridge.subscribe('regress_sub_client', conflict_policy => 'newest');
+CREATE TABLE regress_conflict (id int PRIMARY KEY, v text);
+SET client_min_messages = error;
+SELECT kafka_bridge.subscribe('regress_conflict');
+RESET client_min_messages;
+SELECT conflict_policy FROM kafka_bridge.subscribed_tables WHERE table_name = 'regress_conflict'::regclass;
+-- local deletes and key changes leave tombstones, through a trigger
+SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'regress_conflict'::regclass;
+INSERT INTO regress_conflict VALUES (1, 'a'), (2, 'b'), (3, 'c');
+DELETE FROM regress_conflict WHERE id = 1;
+UPDATE regress_conflict SET id = 20 WHERE id = 2;
+UPDATE regress_conflict SET v = 'still 3' WHERE id = 3;
+SELECT key, origin, commit_time, xid IS NOT NULL AS has_xid
+  FROM kafka_bridge.tombstones WHERE relid = 'regress_conflict'::regclass ORDER BY key;
+-- apply_event(): the policy decides, with the event's version
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":1}',
+  '{"event":"REGRESS_CONFLICT-PUT","row":{"id":1,"v":"older than the delete"}}',
+  'elsewhere', '2001-01-01 00:00:00+00');
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":3}',
+  '{"event":"REGRESS_CONFLICT-PUT","row":{"id":3,"v":"newer"}}',
+  'elsewhere', '2099-01-01 00:00:00+00');
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":20}',
+  '{"event":"REGRESS_CONFLICT-DELETE","row":{"id":20}}',
+  'elsewhere', '2099-01-01 00:00:01+00');
+SELECT * FROM regress_conflict ORDER BY id;
+SELECT key, kind, local_commit_time IS NOT NULL AS local_time_known, remote_origin,
+       remote_commit_time, policy, resolution, topic
+  FROM kafka_bridge.conflicts ORDER BY id;
+SELECT key, origin, commit_time FROM kafka_bridge.tombstones
+ WHERE relid = 'regress_conflict'::regclass ORDER BY key;
+-- the applied row carries the remote version, under an origin named after the instance
+SELECT c.timestamp, regexp_replace(o.roname, '^kafka_bridge_\d+:', 'kafka_bridge_<db>:') AS origin
+  FROM regress_conflict r, pg_xact_commit_timestamp_origin(r.xmin) c
+  JOIN pg_replication_origin o ON o.roident = c.roident
+ WHERE r.id = 3;
+-- one source transaction per transaction
+BEGIN;
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":7}',
+  '{"event":"REGRESS_CONFLICT-PUT","row":{"id":7,"v":"x"}}', 'elsewhere', '2099-01-02 00:00:00+00');
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":8}',
+  '{"event":"REGRESS_CONFLICT-PUT","row":{"id":8,"v":"y"}}', 'another', '2099-01-02 00:00:00+00');
+ROLLBACK;
+-- refused
+SELECT kafka_bridge.apply_event('regress_sub_nokey', '{}', '{}');
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":9}',
+  '{"event":"REGRESS_CONFLICT-PUT","row":{"id":9}}', kafka_bridge.instance_id(), now());
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":9}', 'not json', 'elsewhere', now());
+SET ROLE regress_sub_user;
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":9}', '{}', 'elsewhere', now());
+RESET ROLE;
+-- apply_remote checks nothing: no trigger
+SELECT kafka_bridge.subscribe('regress_conflict', conflict_policy => 'apply_remote');
+SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'regress_conflict'::regclass;
+-- unsubscribing forgets the tombstones
+SELECT kafka_bridge.unsubscribe('regress_conflict');
+SELECT count(*) AS tombstones FROM kafka_bridge.tombstones WHERE relid = 'regress_conflict'::regclass;
+TRUNCATE kafka_bridge.conflicts;
+DROP TABLE regress_conflict;
+
 -- dead letters hold rows: not even monitoring roles read them unless granted
 SELECT has_table_privilege('pg_monitor', 'kafka_bridge.dead_letters', 'SELECT') AS monitor_reads,
        has_table_privilege('regress_sub_user', 'kafka_bridge.dead_letters', 'SELECT') AS user_reads;
