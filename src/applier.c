@@ -615,7 +615,7 @@ use_unit_version(UnitVersion *uv)
 			InstanceOrigin *io;
 
 			StartTransactionCommand();
-			id = kb_origin_for_instance(uv->origin);
+			id = kb_origin_for_instance(uv->origin, false);
 			CommitTransactionCommand();
 			MemoryContextSwitchTo(TopMemoryContext);
 			io = palloc(sizeof(InstanceOrigin));

@@ -44,7 +44,7 @@ extern uint64 kb_conflicts_counted;
 extern KbConflictPolicy kb_parse_conflict_policy(const char *name);
 extern const char *kb_conflict_policy_name(KbConflictPolicy policy);
 extern int	kb_version_cmp(const KbVersion *a, const KbVersion *b);
-extern RepOriginId kb_origin_for_instance(const char *instance);
+extern RepOriginId kb_origin_for_instance(const char *instance, bool manual);
 extern void kb_row_version(TransactionId xmin, const KbVersion *current, KbVersion *v);
 extern char *kb_key_text(int nkeys, const Datum *values, const Oid *types);
 extern bool kb_tombstone_find(Oid relid, const char *key, KbVersion *v);

@@ -101,20 +101,17 @@ kb_version_cmp(const KbVersion *a, const KbVersion *b)
 
 #define ORIGIN_SEPARATOR ':'
 
-static char *
-origin_name(const char *instance)
-{
-	return psprintf("kafka_bridge_%u%c%s", MyDatabaseId, ORIGIN_SEPARATOR, instance);
-}
-
 /*
  * The replication origin the applier writes a source instance's changes
- * under, created if need be (in a transaction).
+ * under, created if need be (in a transaction): kafka_bridge_<db>:<id>.
+ * kafka_bridge.apply_event() uses kafka_bridge_<db>.manual:<id>, since an
+ * origin serves one session at a time and the applier keeps its own.
  */
 RepOriginId
-kb_origin_for_instance(const char *instance)
+kb_origin_for_instance(const char *instance, bool manual)
 {
-	char	   *name = origin_name(instance);
+	char	   *name = psprintf("kafka_bridge_%u%s%c%s", MyDatabaseId, manual ? ".manual" : "",
+								ORIGIN_SEPARATOR, instance);
 	RepOriginId id = replorigin_by_name(name, true);
 
 	if (id == InvalidRepOriginId)
@@ -163,6 +160,8 @@ origin_instance(RepOriginId id)
 			instance = "";
 		else if (strncmp(name, ours, len) == 0 && name[len] == ORIGIN_SEPARATOR)
 			instance = name + len + 1;
+		else if (strncmp(name, ours, len) == 0 && strncmp(name + len, ".manual:", 8) == 0)
+			instance = name + len + 8;
 		else if (strcmp(name, ours) == 0)
 			instance = kb_instance_id();
 		else

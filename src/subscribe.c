@@ -13,6 +13,7 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/relation.h"
 #include "access/commit_ts.h"
 #include "access/xact.h"
@@ -174,10 +175,22 @@ set_tombstone_trigger(Relation rel, bool wanted)
 		run_as_owner(psprintf("DROP TRIGGER kafka_bridge_tombstone ON %s", qualified),
 					 0, NULL, NULL, NULL);
 	else
-		run_as_owner(psprintf("CREATE TRIGGER kafka_bridge_tombstone AFTER DELETE OR UPDATE ON %s "
+	{
+		/* updates matter only when they set a key column */
+		Relation	index = index_open(key_index(rel), AccessShareLock);
+		StringInfoData columns;
+
+		initStringInfo(&columns);
+		for (int k = 0; k < index->rd_index->indnkeyatts; k++)
+			appendStringInfo(&columns, "%s%s", k > 0 ? ", " : "",
+							 quote_identifier(get_attname(RelationGetRelid(rel),
+														  index->rd_index->indkey.values[k], false)));
+		index_close(index, AccessShareLock);
+		run_as_owner(psprintf("CREATE TRIGGER kafka_bridge_tombstone AFTER DELETE OR UPDATE OF %s ON %s "
 							  "FOR EACH ROW EXECUTE FUNCTION kafka_bridge.record_tombstone()",
-							  qualified),
+							  columns.data, qualified),
 					 0, NULL, NULL, NULL);
+	}
 }
 
 /*
@@ -505,7 +518,7 @@ kafka_bridge_apply_event(PG_FUNCTION_ARGS)
 	/* one version per transaction, as the applier commits it */
 	if (rec.origin && !TIMESTAMP_IS_NOBEGIN(rec.commit_time))
 	{
-		RepOriginId id = kb_origin_for_instance(rec.origin);
+		RepOriginId id = kb_origin_for_instance(rec.origin, true);
 
 		if (apply_event_origin_set &&
 			(replorigin_session_origin != id || replorigin_session_origin_timestamp != rec.commit_time))

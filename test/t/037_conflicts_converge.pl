@@ -96,10 +96,14 @@ for my $seed (@seeds)
 	my %h;
 	for my $name (@names)
 	{
-		my ($out, $err) = ('', '');
+		# (from a file: IPC::Run feeds a scalar only while it is pumped)
+		my $file = "${PostgreSQL::Test::Utils::tmp_check}/writer_${name}_$seed.sql";
+		open(my $fh, '>', $file) or die "cannot write $file: $!";
+		print $fh writer_sql($name, $seed);
+		close($fh);
 		$h{$name} = IPC::Run::start(
-			[ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node{$name}->connstr('postgres') ],
-			'<', \writer_sql($name, $seed), '>', \$out, '2>', \$err);
+			[ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node{$name}->connstr('postgres'), '-f', $file ],
+			'>', \my $out, '2>', \my $err);
 	}
 	sleep($seconds / 2);
 	kafka_stop();

@@ -181,7 +181,7 @@ for my $name (qw(A B))
 	like($node{$name}->safe_psql('postgres',
 			"SELECT reason FROM kafka_bridge.dead_letters WHERE topic = 'regress_cases_error'"),
 		qr/^conflict: the row with key \["1"\] was written by instance "$name" at .* \(conflict_policy is error\)$/,
-		"error: $name's dead letter says which version it met");
+		"error: the dead letter of $name says which version it met");
 	is(conflicts_of($name, $t, 1), 'update_origin_differs dead_letter', "error: $name recorded the conflict");
 }
 is(row_of('A', $t, 1) . ' ' . row_of('B', $t, 1), 'A B', 'error: each row stays as its instance wrote it');
@@ -198,7 +198,7 @@ like($replay, qr/^rejected: conflict/, 'apply_event() of the dead letter meets t
 my $c = kb_node('C', conf => "track_commit_timestamp = off\n");
 $c->start;
 $c->safe_psql('postgres', 'CREATE EXTENSION kafka_bridge; CREATE TABLE cases_off (id int PRIMARY KEY, v text)');
-my ($ret, $stdout, $stderr) = $c->psql('postgres', "SELECT kafka_bridge.subscribe('cases_off', topic => 'regress_cases_last_write_wins')");
+my ($ret, $stdout, $stderr) = $c->psql('postgres', "SELECT kafka_bridge.subscribe('cases_off', topic => 'regress_cases_last_write_wins', event_prefix => 'CASES_LAST_WRITE_WINS')");
 like($stderr, qr/WARNING:  topic "regress_cases_last_write_wins" is not applied to table "cases_off" while track_commit_timestamp is off/,
 	'subscribe() warns that last_write_wins needs track_commit_timestamp');
 ok($c->poll_query_until('postgres',
@@ -206,7 +206,7 @@ ok($c->poll_query_until('postgres',
 		  . "FROM kafka_bridge.status WHERE worker = 'applier'"),
 	'C: the applier refuses the table, and its status says what to do');
 is($c->safe_psql('postgres', 'SELECT count(*) FROM cases_off'), 0, 'C: nothing applied');
-$c->safe_psql('postgres', "SELECT kafka_bridge.subscribe('cases_off', topic => 'regress_cases_last_write_wins', conflict_policy => 'apply_remote')");
+$c->safe_psql('postgres', "SELECT kafka_bridge.subscribe('cases_off', topic => 'regress_cases_last_write_wins', event_prefix => 'CASES_LAST_WRITE_WINS', conflict_policy => 'apply_remote')");
 ok($c->poll_query_until('postgres', "SELECT count(*) > 0 FROM cases_off"),
 	'C: with apply_remote it applies the topic');
 $c->stop;
