@@ -116,7 +116,8 @@ SELECT key, kind, local_commit_time IS NOT NULL AS local_time_known, remote_orig
 SELECT key, origin, commit_time FROM kafka_bridge.tombstones
  WHERE relid = 'regress_conflict'::regclass ORDER BY key;
 -- the applied row carries the remote version, under an origin named after the instance
-SELECT c.timestamp, regexp_replace(o.roname, '^kafka_bridge_\d+:', 'kafka_bridge_<db>:') AS origin
+-- (apply_event()'s own: the applier's is kafka_bridge_<db>:<instance>)
+SELECT c.timestamp, regexp_replace(o.roname, '^kafka_bridge_\d+', 'kafka_bridge_<db>') AS origin
   FROM regress_conflict r, pg_xact_commit_timestamp_origin(r.xmin) c
   JOIN pg_replication_origin o ON o.roident = c.roident
  WHERE r.id = 3;

@@ -193,6 +193,25 @@ my $replay = $node{A}->safe_psql('postgres', qq{
 	  FROM kafka_bridge.dead_letters WHERE topic = 'regress_cases_error'});
 like($replay, qr/^rejected: conflict/, 'apply_event() of the dead letter meets the same conflict while A\'s row stands');
 
+# ---- pruning: tombstones and conflicts older than their retention go ----
+
+my $recent = $node{A}->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.conflicts');
+$node{A}->safe_psql('postgres', q{
+	INSERT INTO kafka_bridge.tombstones (relid, key, commit_time, origin, recorded_at)
+	VALUES ('cases_keep_local', '["999"]', now() - interval '8 days', 'Z', now() - interval '8 days');
+	INSERT INTO kafka_bridge.conflicts (table_name, key, kind, policy, resolution, detected_at)
+	VALUES ('cases_keep_local', '["999"]', 'update_origin_differs', 'keep_local', 'kept_local',
+	        now() - interval '31 days');
+});
+# the applier prunes when it starts, then once a minute
+$node{A}->restart;
+ok($node{A}->poll_query_until('postgres', q{
+	SELECT NOT EXISTS (SELECT FROM kafka_bridge.tombstones WHERE key = '["999"]')
+	   AND NOT EXISTS (SELECT FROM kafka_bridge.conflicts WHERE key = '["999"]')}),
+	'A: the applier pruned a tombstone older than 7 days and a conflict older than 30 days');
+is($node{A}->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.conflicts'), $recent,
+	'A: the recent conflicts stay');
+
 # ---- track_commit_timestamp off: the applier refuses, and says why ----
 
 my $c = kb_node('C', conf => "track_commit_timestamp = off\n");
