@@ -910,6 +910,8 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 
 	rec.msg = msg;
 	rec.commit_time = DT_NOBEGIN;
+	rec.applied_count = &ps->applied;
+	rec.skipped_count = &ps->skipped;
 	if (rd_kafka_message_headers(msg, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		uint32		hi,

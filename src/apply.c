@@ -51,7 +51,9 @@ typedef enum PlanKind
 	PLAN_UPDATE,				/* the event leaves some columns unchanged */
 	PLAN_DELETE,
 	PLAN_LOCK,					/* lock the row with a key, read its xmin */
-	PLAN_INSERT					/* insert unless the key exists */
+	PLAN_INSERT,				/* insert unless the key exists */
+	PLAN_LOCK_MANY,				/* PLAN_LOCK for arrays of keys */
+	PLAN_INSERT_MANY			/* PLAN_INSERT for arrays of rows */
 } PlanKind;
 
 typedef struct ApplyColumn
@@ -327,13 +329,17 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 	while ((col = bms_next_member(columns, col)) >= 0)
 	{
 		param_of[col] = ++nparams;
-		types[nparams - 1] = kind == PLAN_UPSERT_MANY ? t->columns[col].array_type
-			: t->columns[col].typid;
+		types[nparams - 1] = kind == PLAN_UPSERT_MANY || kind == PLAN_INSERT_MANY ||
+			kind == PLAN_LOCK_MANY ? t->columns[col].array_type : t->columns[col].typid;
 	}
 
 	initStringInfo(&sql);
-	if (kind == PLAN_UPSERT || kind == PLAN_UPSERT_MANY || kind == PLAN_INSERT)
+	if (kind == PLAN_UPSERT || kind == PLAN_UPSERT_MANY || kind == PLAN_INSERT ||
+		kind == PLAN_INSERT_MANY)
 	{
+		bool		many = (kind == PLAN_UPSERT_MANY || kind == PLAN_INSERT_MANY);
+		bool		nothing = (kind == PLAN_INSERT || kind == PLAN_INSERT_MANY);
+
 		bool		any_set = false;
 
 		appendStringInfo(&sql, "INSERT INTO %s AS t (", t->name);
@@ -344,20 +350,20 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 			first = false;
 		}
 		appendStringInfoString(&sql, t->identity_always ? ") OVERRIDING SYSTEM VALUE " : ") ");
-		appendStringInfoString(&sql, kind == PLAN_UPSERT_MANY ? "SELECT * FROM ROWS FROM (" : "VALUES (");
+		appendStringInfoString(&sql, many ? "SELECT * FROM ROWS FROM (" : "VALUES (");
 		for (int i = 1; i <= nparams; i++)
-			appendStringInfo(&sql, kind == PLAN_UPSERT_MANY ? "%spg_catalog.unnest($%d)" : "%s$%d",
+			appendStringInfo(&sql, many ? "%spg_catalog.unnest($%d)" : "%s$%d",
 							 i > 1 ? ", " : "", i);
 		appendStringInfoString(&sql, ") ON CONFLICT (");
 		for (int k = 0; k < t->nkeys; k++)
 			appendStringInfo(&sql, "%s%s", k > 0 ? ", " : "",
 							 quote_identifier(t->columns[t->keys[k]].name));
-		if (kind == PLAN_INSERT)
+		if (nothing)
 			appendStringInfoString(&sql, ") DO NOTHING");
 		else
 			appendStringInfoString(&sql, ") DO UPDATE SET ");
 		col = -1;
-		while (kind != PLAN_INSERT && (col = bms_next_member(columns, col)) >= 0)
+		while (!nothing && (col = bms_next_member(columns, col)) >= 0)
 		{
 			if (t->columns[col].key_pos >= 0)
 				continue;
@@ -366,7 +372,7 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 							 quote_identifier(t->columns[col].name));
 			any_set = true;
 		}
-		if (!any_set && kind != PLAN_INSERT)
+		if (!any_set && !nothing)
 		{
 			/* only key columns: nothing to update */
 			sql.len -= strlen(" DO UPDATE SET ");
@@ -398,6 +404,23 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 	}
 	else if (kind == PLAN_LOCK)
 		appendStringInfo(&sql, "SELECT xmin FROM %s", t->name);
+	else if (kind == PLAN_LOCK_MANY)
+	{
+		/* the keys as a set s(k1, ..., ord), joined to the rows they lock */
+		appendStringInfo(&sql, "SELECT s.ord, t.xmin FROM %s t JOIN ROWS FROM (", t->name);
+		for (int i = 1; i <= nparams; i++)
+			appendStringInfo(&sql, "%spg_catalog.unnest($%d)", i > 1 ? ", " : "", i);
+		appendStringInfoString(&sql, ") WITH ORDINALITY AS s(");
+		for (int i = 1; i <= nparams; i++)
+			appendStringInfo(&sql, "k%d, ", i);
+		appendStringInfoString(&sql, "ord) ON ");
+		col = -1;
+		while ((col = bms_next_member(columns, col)) >= 0)
+			appendStringInfo(&sql, "%st.%s %s s.k%d", param_of[col] > 1 ? " AND " : "",
+							 quote_identifier(t->columns[col].name), t->columns[col].eq_operator,
+							 param_of[col]);
+		appendStringInfoString(&sql, " FOR UPDATE OF t");
+	}
 	else
 		appendStringInfo(&sql, "DELETE FROM %s", t->name);
 
@@ -521,6 +544,8 @@ truncate_table(ApplyTable *t)
  * applies the gathered rows first; so does any other event, which keeps
  * every table's changes in their order.
  */
+static void run_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns, Datum *values, char *nulls);
+
 #define CHUNK_MAX 1000
 #define CHUNK_HASH_SLOTS 4096	/* a power of two, > 2 * CHUNK_MAX */
 
@@ -535,6 +560,13 @@ typedef struct PendingChunk
 	bool	   *nulls;
 	int			nrows;
 	uint64		key_hashes[CHUNK_HASH_SLOTS];	/* 0: empty */
+	/* rows under last_write_wins: their version, and each row's record */
+	KbSubscription *sub;		/* NULL: applied unchecked */
+	KbVersion	version;
+	int32	   *partition;
+	int64	   *offset;
+	int64	  **applied_count;
+	int64	  **skipped_count;
 } PendingChunk;
 
 static PendingChunk chunk;
@@ -550,6 +582,7 @@ chunk_reset(void)
 	chunk.table = NULL;
 	chunk.columns = NULL;
 	chunk.nrows = 0;
+	chunk.sub = NULL;
 	memset(chunk.key_hashes, 0, sizeof(chunk.key_hashes));
 }
 
@@ -575,40 +608,218 @@ kb_apply_discard(void)
 	chunk_reset();
 }
 
+/* The chunk's column j (chunk order) for the rows in mask (NULL: all), as an array. */
+static Datum
+chunk_array(int j, const bool *mask)
+{
+	ApplyColumn *c = &chunk.table->columns[chunk.column_index[j]];
+	Datum	   *values = chunk.values + (size_t) j * CHUNK_MAX;
+	bool	   *nulls = chunk.nulls + (size_t) j * CHUNK_MAX;
+	int			dims[1] = {0};
+	int			lbs[1] = {1};
+
+	if (mask != NULL)
+	{
+		Datum	   *v = palloc(sizeof(Datum) * chunk.nrows);
+		bool	   *n = palloc(sizeof(bool) * chunk.nrows);
+
+		for (int i = 0; i < chunk.nrows; i++)
+			if (mask[i])
+			{
+				v[dims[0]] = values[i];
+				n[dims[0]++] = nulls[i];
+			}
+		values = v;
+		nulls = n;
+	}
+	else
+		dims[0] = chunk.nrows;
+	return PointerGetDatum(construct_md_array(values, nulls, 1, dims, lbs, c->typid,
+											  c->typlen, c->typbyval, c->typalign));
+}
+
+/* Run a plan over the chunk's columns for the rows in mask, as the apply role. */
+static void
+chunk_run(PlanKind kind, Bitmapset *columns, const bool *mask)
+{
+	ApplyTable *t = chunk.table;
+	Datum	   *arrays = palloc(sizeof(Datum) * chunk.ncolumns);
+	int			n = 0;
+	Oid			save_userid;
+	int			save_sec;
+
+	for (int j = 0; j < chunk.ncolumns; j++)
+		if (bms_is_member(chunk.column_index[j], columns))
+			arrays[n++] = chunk_array(j, mask);
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(chunk.apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	run_plan(t, kind, columns, arrays, NULL);
+	SetUserIdAndSecContext(save_userid, save_sec);
+}
+
+/* Row i of the chunk: its key as text, its values in column order. */
+static char *
+chunk_row(int i, Datum *values, char *nulls)
+{
+	ApplyTable *t = chunk.table;
+	Datum	   *keyvals = palloc(sizeof(Datum) * t->nkeys);
+	Oid		   *keytypes = palloc(sizeof(Oid) * t->nkeys);
+
+	for (int j = 0; j < chunk.ncolumns; j++)
+	{
+		ApplyColumn *c = &t->columns[chunk.column_index[j]];
+		Datum		d = chunk.values[(size_t) j * CHUNK_MAX + i];
+
+		if (values)
+		{
+			values[j] = d;
+			nulls[j] = chunk.nulls[(size_t) j * CHUNK_MAX + i] ? 'n' : ' ';
+		}
+		if (c->key_pos >= 0)
+		{
+			keyvals[c->key_pos] = d;
+			keytypes[c->key_pos] = c->typid;
+		}
+	}
+	return kb_key_text(t->nkeys, keyvals, keytypes);
+}
+
+static KbApplyOutcome apply_versioned(ApplyTable *t, KbSubscription *sub, KbRecord *rec,
+									  bool is_delete, bool has_unchanged, Bitmapset *columns,
+									  Datum *values, char *nulls, char **reason);
+
+/*
+ * The gathered rows under last_write_wins, as apply_versioned() does one:
+ * one statement locks the rows the keys have and reads their xmin, one
+ * reads the tombstones of the keys without a row, and after the choice,
+ * one upsert and one insert write the rows that win.  An insert that meets
+ * a row which appeared meanwhile leaves its rows to apply_versioned().
+ */
+static void
+flush_versioned(void)
+{
+	ApplyTable *t = chunk.table;
+	KbSubscription *sub = chunk.sub;
+	int			n = chunk.nrows;
+	bool	   *found = palloc0(sizeof(bool) * n);
+	TransactionId *xmin = palloc0(sizeof(TransactionId) * n);
+	char	  **keys = palloc0(sizeof(char *) * n);
+	bool	   *has_tombstone = palloc0(sizeof(bool) * n);
+	KbVersion  *tombstone = palloc0(sizeof(KbVersion) * n);
+	bool	   *update = palloc0(sizeof(bool) * n);
+	bool	   *insert = palloc0(sizeof(bool) * n);
+	Bitmapset  *keycols = NULL;
+	int			nmissing = 0;
+	int			nupdate = 0;
+	int			ninsert = 0;
+
+	for (int k = 0; k < t->nkeys; k++)
+		keycols = bms_add_member(keycols, t->keys[k]);
+	chunk_run(PLAN_LOCK_MANY, keycols, NULL);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+		int64		ord = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
+
+		found[ord - 1] = true;
+		xmin[ord - 1] = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[r],
+															 SPI_tuptable->tupdesc, 2, &isnull));
+	}
+	for (int i = 0; i < n; i++)
+		if (!found[i])
+		{
+			keys[i] = chunk_row(i, NULL, NULL);
+			nmissing++;
+		}
+	if (nmissing > 0)
+		kb_tombstones_find(sub->relid, n, keys, has_tombstone, tombstone);
+
+	for (int i = 0; i < n; i++)
+	{
+		KbVersion	local = {0};
+		bool		exists = found[i] || has_tombstone[i];
+		bool		same_txn = found[i] && TransactionIdIsCurrentTransactionId(xmin[i]);
+		bool		apply;
+
+		if (found[i])
+			kb_row_version(xmin[i], &chunk.version, &local);
+		else if (has_tombstone[i])
+			local = tombstone[i];
+		apply = !exists || kb_version_cmp(&chunk.version, &local) >= 0;
+		if (exists && !same_txn && strcmp(local.origin, chunk.version.origin) != 0)
+			kb_conflict_record(sub->relid, keys[i] ? keys[i] : chunk_row(i, NULL, NULL),
+							   found[i] ? "update_origin_differs" : "update_deleted",
+							   &local, &chunk.version, sub->policy,
+							   apply ? "applied_remote" : "kept_local",
+							   chunk.offset[i] >= 0 ? sub->topic : NULL,
+							   chunk.partition[i], chunk.offset[i]);
+		if (!apply)
+		{
+			/* counted as applied when gathered */
+			(*chunk.applied_count[i])--;
+			(*chunk.skipped_count[i])++;
+		}
+		else if (found[i])
+			update[i] = true, nupdate++;
+		else
+			insert[i] = true, ninsert++;
+	}
+
+	if (nupdate > 0)
+		chunk_run(PLAN_UPSERT_MANY, chunk.columns, update);
+	if (ninsert > 0)
+	{
+		chunk_run(PLAN_INSERT_MANY, chunk.columns, insert);
+		if (SPI_processed == ninsert)
+		{
+			for (int i = 0; i < n; i++)
+				if (insert[i] && has_tombstone[i])
+					kb_tombstone_forget(sub->relid, keys[i]);
+		}
+		else
+		{
+			/* some keys got a row since they were locked: one by one */
+			Datum	   *values = palloc(sizeof(Datum) * chunk.ncolumns);
+			char	   *nulls = palloc(sizeof(char) * chunk.ncolumns);
+
+			for (int i = 0; i < n; i++)
+			{
+				rd_kafka_message_t msg = {0};
+				KbRecord	rec = {0};
+				char	   *reason = NULL;
+
+				if (!insert[i])
+					continue;
+				(void) chunk_row(i, values, nulls);
+				msg.partition = chunk.partition[i];
+				msg.offset = chunk.offset[i];
+				rec.msg = &msg;
+				rec.origin = chunk.version.origin;
+				rec.commit_time = chunk.version.commit_time;
+				if (apply_versioned(t, sub, &rec, false, false, chunk.columns,
+									values, nulls, &reason) != KB_APPLY_APPLIED)
+				{
+					(*chunk.applied_count[i])--;
+					(*chunk.skipped_count[i])++;
+				}
+			}
+		}
+	}
+}
+
 /* Apply the gathered rows, as their apply role. */
 void
 kb_apply_flush(void)
 {
-	ApplyTable *t = chunk.table;
-	Datum	   *arrays;
-	Oid			save_userid;
-	int			save_sec;
-	int			rc;
-	int			dims[1];
-	int			lbs[1] = {1};
-
-	if (t == NULL || chunk.nrows == 0)
+	if (chunk.table == NULL || chunk.nrows == 0)
 	{
 		chunk_reset();
 		return;
 	}
-	dims[0] = chunk.nrows;
-	arrays = palloc(sizeof(Datum) * chunk.ncolumns);
-	for (int j = 0; j < chunk.ncolumns; j++)
-	{
-		ApplyColumn *c = &t->columns[chunk.column_index[j]];
-
-		arrays[j] = PointerGetDatum(construct_md_array(chunk.values + (size_t) j * CHUNK_MAX,
-													   chunk.nulls + (size_t) j * CHUNK_MAX,
-													   1, dims, lbs, c->typid,
-													   c->typlen, c->typbyval, c->typalign));
-	}
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(chunk.apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-	rc = SPI_execute_plan(get_plan(t, PLAN_UPSERT_MANY, chunk.columns), arrays, NULL, false, 0);
-	SetUserIdAndSecContext(save_userid, save_sec);
-	if (rc < 0)
-		elog(ERROR, "applying events to %s failed: %s", t->name, SPI_result_code_string(rc));
+	if (chunk.sub != NULL)
+		flush_versioned();
+	else
+		chunk_run(PLAN_UPSERT_MANY, chunk.columns, NULL);
 	chunk_reset();
 }
 
@@ -643,16 +854,23 @@ chunk_has_key(uint64 h)
 	}
 }
 
-/* Gather a PUT (the caller checked it gives every key column). */
+/*
+ * Gather a PUT (the caller checked it gives every key column); versioned:
+ * sub and rec, when last_write_wins decides.
+ */
 static void
-chunk_add(ApplyTable *t, Oid apply_role, Bitmapset *columns, KbJsonObject *row)
+chunk_add(ApplyTable *t, Oid apply_role, Bitmapset *columns, KbJsonObject *row,
+		  KbSubscription *sub, KbRecord *rec)
 {
 	MemoryContext old;
 	int			j = 0;
 	int			col = -1;
 
 	if (chunk.table != t || chunk.apply_role != apply_role ||
-		!bms_equal(chunk.columns, columns) || chunk.nrows == CHUNK_MAX)
+		!bms_equal(chunk.columns, columns) || chunk.nrows == CHUNK_MAX ||
+		chunk.sub != sub ||
+		(sub != NULL && (chunk.version.commit_time != rec->commit_time ||
+						 strcmp(chunk.version.origin, rec->origin) != 0)))
 		kb_apply_flush();
 	if (chunk.nrows > 0 && chunk_has_key(key_hash(t, row)))
 	{
@@ -674,6 +892,23 @@ chunk_add(ApplyTable *t, Oid apply_role, Bitmapset *columns, KbJsonObject *row)
 			chunk.column_index[j++] = col;
 		chunk.values = palloc(sizeof(Datum) * chunk.ncolumns * CHUNK_MAX);
 		chunk.nulls = palloc(sizeof(bool) * chunk.ncolumns * CHUNK_MAX);
+		chunk.sub = sub;
+		if (sub != NULL)
+		{
+			chunk.version.commit_time = rec->commit_time;
+			chunk.version.origin = pstrdup(rec->origin);
+			chunk.partition = palloc(sizeof(int32) * CHUNK_MAX);
+			chunk.offset = palloc(sizeof(int64) * CHUNK_MAX);
+			chunk.applied_count = palloc(sizeof(int64 *) * CHUNK_MAX);
+			chunk.skipped_count = palloc(sizeof(int64 *) * CHUNK_MAX);
+		}
+	}
+	if (sub != NULL)
+	{
+		chunk.partition[chunk.nrows] = rec->msg->partition;
+		chunk.offset[chunk.nrows] = rec->msg->offset;
+		chunk.applied_count[chunk.nrows] = rec->applied_count;
+		chunk.skipped_count[chunk.nrows] = rec->skipped_count;
 	}
 	for (j = 0; j < chunk.ncolumns; j++)
 	{
@@ -988,6 +1223,13 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 
 	if (sub->policy != KB_POLICY_APPLY_REMOTE && !TIMESTAMP_IS_NOBEGIN(rec->commit_time) && rec->origin != NULL)
 	{
+		/* last_write_wins gathers PUTs and decides for them together */
+		if (gather && kind == EV_PUT && unchanged == NIL && t->many_ok &&
+			sub->policy == KB_POLICY_LAST_WRITE_WINS && rec->applied_count != NULL)
+		{
+			chunk_add(t, sub->apply_role, columns, &row, sub, rec);
+			return KB_APPLY_APPLIED;
+		}
 		/* the versions decide: one row at a time */
 		kb_apply_flush();
 		event_values(t, columns, &row, values, nulls);
@@ -997,7 +1239,7 @@ kb_apply_record(KbSubscription *sub, KbRecord *rec, bool gather, char **reason)
 
 	if (gather && kind == EV_PUT && unchanged == NIL && t->many_ok)
 	{
-		chunk_add(t, sub->apply_role, columns, &row);
+		chunk_add(t, sub->apply_role, columns, &row, NULL, NULL);
 		return KB_APPLY_APPLIED;
 	}
 	kb_apply_flush();

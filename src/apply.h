@@ -48,6 +48,7 @@ extern RepOriginId kb_origin_for_instance(const char *instance, bool manual);
 extern void kb_row_version(TransactionId xmin, const KbVersion *current, KbVersion *v);
 extern char *kb_key_text(int nkeys, const Datum *values, const Oid *types);
 extern bool kb_tombstone_find(Oid relid, const char *key, KbVersion *v);
+extern void kb_tombstones_find(Oid relid, int n, char **keys, bool *found, KbVersion *v);
 extern void kb_tombstone_store(Oid relid, const char *key, const KbVersion *v);
 extern void kb_tombstone_forget(Oid relid, const char *key);
 extern void kb_conflict_record(Oid relid, const char *key, const char *kind,
@@ -142,6 +143,9 @@ typedef struct KbRecord
 	XLogRecPtr	lsn;			/* "lsn" header, or InvalidXLogRecPtr */
 	uint32		seq;			/* "seq" header, or 0 */
 	TimestampTz commit_time;	/* "commit_time" header, or DT_NOBEGIN when none */
+	/* the partition's counters, for a gathered row the policy skips later */
+	int64	   *applied_count;
+	int64	   *skipped_count;
 } KbRecord;
 
 /*

@@ -37,6 +37,7 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "replication/origin.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgrprotos.h"
@@ -252,6 +253,73 @@ run_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types,
 	return rc;
 }
 
+/* A tombstone's version from a row (commit_time, origin, xid) of SPI's result. */
+static void
+tombstone_version(HeapTuple tup, TupleDesc desc, int first, KbVersion *v)
+{
+	bool		isnull;
+	Datum		d;
+
+	v->origin = SPI_getvalue(tup, desc, first + 1);
+	if (v->origin == NULL)
+		v->origin = kb_instance_id();
+	d = SPI_getbinval(tup, desc, first, &isnull);
+	if (!isnull)
+		v->commit_time = DatumGetTimestampTz(d);
+	else
+	{
+		FullTransactionId fxid;
+		FullTransactionId next = ReadNextFullTransactionId();
+		RepOriginId nodeid;
+
+		d = SPI_getbinval(tup, desc, first + 2, &isnull);
+		fxid = isnull ? InvalidFullTransactionId : DatumGetFullTransactionId(d);
+		v->commit_time = DT_NOBEGIN;
+		/* only an xid less than 2^31 old names its transaction */
+		if (FullTransactionIdIsValid(fxid) &&
+			U64FromFullTransactionId(next) - U64FromFullTransactionId(fxid) < (UINT64CONST(1) << 31) &&
+			!TransactionIdGetCommitTsData(XidFromFullTransactionId(fxid), &v->commit_time, &nodeid))
+			v->commit_time = DT_NOBEGIN;
+	}
+}
+
+/*
+ * The tombstones of the keys that are not NULL in keys[n]: found[i] and
+ * v[i] for each.  Read with a new snapshot, as kb_tombstone_find().
+ */
+void
+kb_tombstones_find(Oid relid, int n, char **keys, bool *found, KbVersion *v)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {OIDOID, TEXTARRAYOID};
+	Datum		values[2];
+	Datum	   *texts = palloc(sizeof(Datum) * n);
+	int			ntexts = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		found[i] = false;
+		if (keys[i])
+			texts[ntexts++] = CStringGetTextDatum(keys[i]);
+	}
+	values[0] = ObjectIdGetDatum(relid);
+	values[1] = PointerGetDatum(construct_array(texts, ntexts, TEXTOID, -1, false, TYPALIGN_INT));
+	run_plan(&plan, "SELECT key, commit_time, origin, xid FROM kafka_bridge.tombstones "
+			 "WHERE relid OPERATOR(pg_catalog.=) $1 AND key OPERATOR(pg_catalog.=) ANY ($2)",
+			 2, types, values, NULL, false);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		char	   *key = SPI_getvalue(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1);
+
+		for (int i = 0; i < n; i++)
+			if (keys[i] && !found[i] && strcmp(keys[i], key) == 0)
+			{
+				found[i] = true;
+				tombstone_version(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &v[i]);
+			}
+	}
+}
+
 /*
  * The version of a tombstone of the key, if there is one.  A local
  * delete's commit time is read from its transaction's commit timestamp.
@@ -264,39 +332,13 @@ kb_tombstone_find(Oid relid, const char *key, KbVersion *v)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[2] = {OIDOID, TEXTOID};
 	Datum		values[2] = {ObjectIdGetDatum(relid), CStringGetTextDatum(key)};
-	TupleDesc	desc;
-	HeapTuple	tup;
-	bool		isnull;
-	Datum		d;
 
 	run_plan(&plan, "SELECT commit_time, origin, xid FROM kafka_bridge.tombstones "
 			 "WHERE relid OPERATOR(pg_catalog.=) $1 AND key OPERATOR(pg_catalog.=) $2",
 			 2, types, values, NULL, false);
 	if (SPI_processed == 0)
 		return false;
-	desc = SPI_tuptable->tupdesc;
-	tup = SPI_tuptable->vals[0];
-	v->origin = SPI_getvalue(tup, desc, 2);
-	if (v->origin == NULL)
-		v->origin = kb_instance_id();
-	d = SPI_getbinval(tup, desc, 1, &isnull);
-	if (!isnull)
-		v->commit_time = DatumGetTimestampTz(d);
-	else
-	{
-		FullTransactionId fxid;
-		FullTransactionId next = ReadNextFullTransactionId();
-		RepOriginId nodeid;
-
-		d = SPI_getbinval(tup, desc, 3, &isnull);
-		fxid = isnull ? InvalidFullTransactionId : DatumGetFullTransactionId(d);
-		v->commit_time = DT_NOBEGIN;
-		/* only an xid less than 2^31 old names its transaction */
-		if (FullTransactionIdIsValid(fxid) &&
-			U64FromFullTransactionId(next) - U64FromFullTransactionId(fxid) < (UINT64CONST(1) << 31) &&
-			!TransactionIdGetCommitTsData(XidFromFullTransactionId(fxid), &v->commit_time, &nodeid))
-			v->commit_time = DT_NOBEGIN;
-	}
+	tombstone_version(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, v);
 	return true;
 }
 
