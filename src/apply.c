@@ -406,20 +406,24 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 		appendStringInfo(&sql, "SELECT xmin FROM %s", t->name);
 	else if (kind == PLAN_LOCK_MANY)
 	{
-		/* the keys as a set s(k1, ..., ord), joined to the rows they lock */
-		appendStringInfo(&sql, "SELECT s.ord, t.xmin FROM %s t JOIN ROWS FROM (", t->name);
+		/*
+		 * The keys as a set s(k1, ..., ord), each locking its row by the
+		 * key index (a lateral probe per key: a join could read the whole
+		 * table to lock a few rows).
+		 */
+		appendStringInfoString(&sql, "SELECT s.ord, l.xmin FROM ROWS FROM (");
 		for (int i = 1; i <= nparams; i++)
 			appendStringInfo(&sql, "%spg_catalog.unnest($%d)", i > 1 ? ", " : "", i);
 		appendStringInfoString(&sql, ") WITH ORDINALITY AS s(");
 		for (int i = 1; i <= nparams; i++)
 			appendStringInfo(&sql, "k%d, ", i);
-		appendStringInfoString(&sql, "ord) ON ");
+		appendStringInfo(&sql, "ord), LATERAL (SELECT t.xmin FROM %s t WHERE ", t->name);
 		col = -1;
 		while ((col = bms_next_member(columns, col)) >= 0)
 			appendStringInfo(&sql, "%st.%s %s s.k%d", param_of[col] > 1 ? " AND " : "",
 							 quote_identifier(t->columns[col].name), t->columns[col].eq_operator,
 							 param_of[col]);
-		appendStringInfoString(&sql, " FOR UPDATE OF t");
+		appendStringInfoString(&sql, " FOR UPDATE) l");
 	}
 	else
 		appendStringInfo(&sql, "DELETE FROM %s", t->name);
