@@ -730,13 +730,14 @@ flush_versioned(void)
 															 SPI_tuptable->tupdesc, 2, &isnull));
 	}
 	for (int i = 0; i < n; i++)
-		if (!found[i])
-		{
-			keys[i] = chunk_row(i, NULL, NULL);
-			nmissing++;
-		}
-	if (nmissing > 0)
+		nmissing += !found[i];
+	if (nmissing > 0 && kb_tombstones_may_exist(sub->relid))
+	{
+		for (int i = 0; i < n; i++)
+			if (!found[i])
+				keys[i] = chunk_row(i, NULL, NULL);
 		kb_tombstones_find(sub->relid, n, keys, has_tombstone, tombstone);
+	}
 
 	for (int i = 0; i < n; i++)
 	{
@@ -1017,7 +1018,7 @@ apply_versioned(ApplyTable *t, KbSubscription *sub, KbRecord *rec, bool is_delet
 			same_txn = TransactionIdIsCurrentTransactionId(xmin);
 			kb_row_version(xmin, &remote, &local);
 		}
-		else
+		else if (kb_tombstones_may_exist(sub->relid))
 			tombstone = kb_tombstone_find(sub->relid, key, &local);
 
 		if (!found && is_delete)

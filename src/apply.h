@@ -49,6 +49,7 @@ extern void kb_row_version(TransactionId xmin, const KbVersion *current, KbVersi
 extern char *kb_key_text(int nkeys, const Datum *values, const Oid *types);
 extern bool kb_tombstone_find(Oid relid, const char *key, KbVersion *v);
 extern void kb_tombstones_find(Oid relid, int n, char **keys, bool *found, KbVersion *v);
+extern bool kb_tombstones_may_exist(Oid relid);
 extern void kb_tombstone_store(Oid relid, const char *key, const KbVersion *v);
 extern void kb_tombstone_forget(Oid relid, const char *key);
 extern void kb_conflict_record(Oid relid, const char *key, const char *kind,

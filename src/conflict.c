@@ -342,6 +342,90 @@ kb_tombstone_find(Oid relid, const char *key, KbVersion *v)
 	return true;
 }
 
+/*
+ * Whether the table may have tombstones: false only when a look found none
+ * and no transaction that wrote one committed anywhere since.  Writers
+ * count theirs at commit, once visible and before their row locks go, so a
+ * delete that a row lock waited for is counted by the time the caller asks.
+ * Saves the applier a lookup per row on tables that never had a delete.
+ */
+typedef struct NoTombstones
+{
+	Oid			relid;
+	uint64		written;		/* the count when none was found */
+} NoTombstones;
+
+static HTAB *no_tombstones = NULL;
+static bool tombstone_in_xact = false;
+
+/*
+ * A transaction that wrote a tombstone counts it when it commits: after it
+ * is visible, before its row locks are released.
+ */
+static void
+tombstone_xact_end(XactEvent event, void *arg)
+{
+	if (!tombstone_in_xact)
+		return;
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
+		kb_status_tombstone_written();
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		tombstone_in_xact = false;
+}
+
+static void
+tombstone_written(Oid relid)
+{
+	static bool registered = false;
+
+	if (!registered)
+		RegisterXactCallback(tombstone_xact_end, NULL);
+	registered = true;
+	tombstone_in_xact = true;
+	if (no_tombstones != NULL)
+		(void) hash_search(no_tombstones, &relid, HASH_REMOVE, NULL);
+}
+
+bool
+kb_tombstones_may_exist(Oid relid)
+{
+	static SPIPlanPtr plan = NULL;
+	NoTombstones *e;
+	uint64		written;
+	bool		found;
+	Oid			types[1] = {OIDOID};
+	Datum		values[1] = {ObjectIdGetDatum(relid)};
+	HTAB	   *seen;
+
+	if (!kb_status_tombstones_written(&written))
+		return true;
+	if (no_tombstones == NULL)
+	{
+		HASHCTL		ctl = {0};
+
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(NoTombstones);
+		no_tombstones = hash_create("kafka_bridge tables without tombstones", 16, &ctl,
+									HASH_ELEM | HASH_BLOBS);
+	}
+	seen = no_tombstones;
+	e = hash_search(seen, &relid, HASH_FIND, &found);
+	if (e != NULL && e->written == written)
+		return false;
+	run_plan(&plan, "SELECT 1 FROM kafka_bridge.tombstones WHERE relid OPERATOR(pg_catalog.=) $1 LIMIT 1",
+			 1, types, values, NULL, false);
+	if (SPI_processed > 0)
+	{
+		if (e != NULL)
+			(void) hash_search(seen, &relid, HASH_REMOVE, NULL);
+		return true;
+	}
+	e = hash_search(seen, &relid, HASH_ENTER, &found);
+	e->written = written;
+	return false;
+}
+
 /* Record (or move forward) the tombstone of a key deleted by a remote change. */
 void
 kb_tombstone_store(Oid relid, const char *key, const KbVersion *v)
@@ -356,6 +440,7 @@ kb_tombstone_store(Oid relid, const char *key, const KbVersion *v)
 			 "commit_time = excluded.commit_time, origin = excluded.origin, xid = NULL, "
 			 "recorded_at = pg_catalog.now()",
 			 4, types, values, NULL, false);
+	tombstone_written(relid);
 }
 
 /* The key has a row again: its tombstone is of no more use. */
@@ -519,6 +604,7 @@ kafka_bridge_record_tombstone(PG_FUNCTION_ARGS)
 				 "commit_time = NULL, origin = NULL, xid = excluded.xid, recorded_at = pg_catalog.now()",
 				 3, types, values, NULL, false);
 	}
+	tombstone_written(RelationGetRelid(rel));
 	SPI_finish();
 	return PointerGetDatum(NULL);
 }

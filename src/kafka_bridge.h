@@ -134,6 +134,8 @@ extern void kb_status_set_latch(int index, Oid dboid, struct Latch *latch);
 extern void kb_status_wake(Oid dboid, KbWorkerRole role);
 extern void kb_status_subscriptions_changed(void);
 extern uint32 kb_status_subscriptions_version(void);
+extern void kb_status_tombstone_written(void);
+extern bool kb_status_tombstones_written(uint64 *count);
 
 /* ---- launcher.c / worker.c ---- */
 

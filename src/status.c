@@ -27,6 +27,8 @@ typedef struct KbStatusShared
 	LWLock	   *lock;
 	/* bumped by every change of the subscriptions, in any database */
 	pg_atomic_uint32 subscriptions_version;
+	/* bumped by every tombstone written, in any database */
+	pg_atomic_uint64 tombstones_written;
 	KbWorkerSlot slots[KB_MAX_WORKERS];
 } KbStatusShared;
 
@@ -51,6 +53,7 @@ kb_status_init_shmem(void)
 		memset(kb_status, 0, sizeof(KbStatusShared));
 		kb_status->lock = &(GetNamedLWLockTranche(KB_EXTENSION_NAME))->lock;
 		pg_atomic_init_u32(&kb_status->subscriptions_version, 0);
+		pg_atomic_init_u64(&kb_status->tombstones_written, 0);
 		for (int i = 0; i < KB_MAX_WORKERS; i++)
 		{
 			KbWorkerSlot *s = &kb_status->slots[i];
@@ -215,6 +218,27 @@ uint32
 kb_status_subscriptions_version(void)
 {
 	return kb_status != NULL ? pg_atomic_read_u32(&kb_status->subscriptions_version) : 0;
+}
+
+/*
+ * Tombstones: every writer of one bumps the count before its transaction
+ * commits, so that the applier knows when a table it saw without any may
+ * have some.  Returns false without the shared memory (not preloaded).
+ */
+void
+kb_status_tombstone_written(void)
+{
+	if (kb_status != NULL)
+		pg_atomic_fetch_add_u64(&kb_status->tombstones_written, 1);
+}
+
+bool
+kb_status_tombstones_written(uint64 *count)
+{
+	if (kb_status == NULL)
+		return false;
+	*count = pg_atomic_read_u64(&kb_status->tombstones_written);
+	return true;
 }
 
 const char *
