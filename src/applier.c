@@ -712,10 +712,32 @@ store_dead_letter(PartitionProgress *ps, rd_kafka_message_t *msg, const char *re
 	ps->last_error = MemoryContextStrdup(ap.subs_cxt, reason);
 }
 
+/*
+ * Run a statement through a plan prepared once and kept: the progress is
+ * written by every transaction, one per source transaction.
+ */
+static int
+execute_kept(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types,
+			 Datum *values, const char *nulls)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(sql, nargs, types);
+
+		if (p == NULL)
+			elog(ERROR, "could not prepare \"%s\": %s", sql, SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*plan = p;
+	}
+	return SPI_execute_plan(*plan, values, nulls, false, 0);
+}
+
 /* Write the progress of the touched partitions (same transaction as the rows). */
 static void
 store_progress(void)
 {
+	static SPIPlanPtr progress_plan = NULL;
+	static SPIPlanPtr origins_plan = NULL;
 	HASH_SEQ_STATUS status;
 	PartitionProgress *ps;
 
@@ -741,7 +763,7 @@ store_progress(void)
 			values[8] = CStringGetTextDatum(ps->last_error);
 		else
 			nulls[8] = 'n';
-		if (SPI_execute_with_args("INSERT INTO kafka_bridge.apply_progress AS p "
+		if (execute_kept(&progress_plan, "INSERT INTO kafka_bridge.apply_progress AS p "
 								  "(topic, partition, next_offset, high_watermark, consumed, applied, skipped, dead_letters, last_error, last_error_at) "
 								  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $9 IS NOT NULL THEN pg_catalog.now() END) "
 								  "ON CONFLICT (topic, partition) DO UPDATE SET "
@@ -753,7 +775,7 @@ store_progress(void)
 								  "last_error = coalesce(excluded.last_error, p.last_error), "
 								  "last_error_at = coalesce(excluded.last_error_at, p.last_error_at), "
 								  "updated_at = pg_catalog.now()",
-								  9, types, values, nulls, false, 0) != SPI_OK_INSERT)
+								  9, types, values, nulls) != SPI_OK_INSERT)
 			elog(ERROR, "could not write kafka_bridge.apply_progress");
 
 		foreach(lc, ps->origins)
@@ -769,10 +791,10 @@ store_progress(void)
 			ovalues[2] = CStringGetTextDatum(m->origin);
 			ovalues[3] = LSNGetDatum(m->new_lsn);
 			ovalues[4] = Int32GetDatum((int32) m->new_seq);
-			if (SPI_execute_with_args("INSERT INTO kafka_bridge.apply_origins (topic, partition, origin, lsn, seq) "
-									  "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (topic, partition, origin) "
-									  "DO UPDATE SET lsn = excluded.lsn, seq = excluded.seq",
-									  5, otypes, ovalues, NULL, false, 0) != SPI_OK_INSERT)
+			if (execute_kept(&origins_plan, "INSERT INTO kafka_bridge.apply_origins (topic, partition, origin, lsn, seq) "
+							 "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (topic, partition, origin) "
+							 "DO UPDATE SET lsn = excluded.lsn, seq = excluded.seq",
+							 5, otypes, ovalues, NULL) != SPI_OK_INSERT)
 				elog(ERROR, "could not write kafka_bridge.apply_origins");
 		}
 	}
