@@ -58,7 +58,18 @@ CREATE TABLE kafka_bridge.publications (
 	event_prefix text NOT NULL,
 	format text NOT NULL CHECK (format IN ('envelope', 'flat')),
 	tombstones boolean NOT NULL DEFAULT true,
-	created_at timestamptz NOT NULL DEFAULT now()
+	created_at timestamptz NOT NULL DEFAULT now(),
+	-- the snapshot of the rows already there (snapshot.c): 'pending' until
+	-- its first chunk, 'running', then 'done'; 'skipped' with snapshot =>
+	-- false.  The output plugin holds back the PUT events of keys above
+	-- snapshot_upto while it runs: the snapshot publishes those rows.
+	snapshot_state text NOT NULL DEFAULT 'skipped'
+		CHECK (snapshot_state IN ('skipped', 'pending', 'running', 'done')),
+	snapshot_upto text[],
+	snapshot_rows bigint NOT NULL DEFAULT 0,
+	snapshot_estimate bigint NOT NULL DEFAULT 0,
+	snapshot_started_at timestamptz,
+	snapshot_done_at timestamptz
 ) WITH (user_catalog_table = true);
 
 COMMENT ON TABLE kafka_bridge.publications IS
@@ -71,13 +82,32 @@ CREATE FUNCTION kafka_bridge.publish(
 	topic text DEFAULT NULL,
 	event_prefix text DEFAULT NULL,
 	format text DEFAULT 'envelope',
-	tombstones boolean DEFAULT true)
+	tombstones boolean DEFAULT true,
+	snapshot boolean DEFAULT true)
 RETURNS void
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_publish';
 
-COMMENT ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean) IS
-'publish the row changes of a table to Kafka (topic defaults to the table name, event prefix to it in upper case); publishing again replaces the settings';
+COMMENT ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean, boolean) IS
+'publish the row changes of a table to Kafka (topic defaults to the table name, event prefix to it in upper case), and first its existing rows unless snapshot is false; publishing again replaces the settings';
+
+CREATE FUNCTION kafka_bridge.snapshot(tbl regclass)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_snapshot';
+
+COMMENT ON FUNCTION kafka_bridge.snapshot(regclass) IS
+'publish every row of a published table again, as PUT events, in chunks that the publisher runs; returns at once (progress in kafka_bridge.snapshots)';
+
+CREATE VIEW kafka_bridge.snapshots AS
+	SELECT relid AS table_name, topic, snapshot_state AS state,
+		   snapshot_rows AS rows_done, snapshot_estimate AS rows_estimated,
+		   snapshot_upto AS done_up_to_key, snapshot_started_at AS started_at,
+		   snapshot_done_at AS done_at
+	  FROM kafka_bridge.publications;
+
+COMMENT ON VIEW kafka_bridge.snapshots IS
+'per published table, the snapshot of its rows: state, rows published so far and estimated, the last key done';
 
 CREATE FUNCTION kafka_bridge.unpublish(tbl regclass)
 RETURNS void
@@ -108,7 +138,10 @@ CREATE EVENT TRIGGER kafka_bridge_forget_dropped_tables ON sql_drop
 -- administrator grants it to, and then only for tables they own.
 REVOKE ALL ON kafka_bridge.publications FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.published_tables FROM PUBLIC;
-REVOKE ALL ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.snapshot(regclass) FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.snapshots FROM PUBLIC;
+GRANT SELECT ON kafka_bridge.snapshots TO pg_monitor;
 REVOKE ALL ON FUNCTION kafka_bridge.unpublish(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.forget_dropped_tables() FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.published_tables TO pg_monitor;
@@ -171,7 +204,11 @@ CREATE TABLE kafka_bridge.subscriptions (
 	format text NOT NULL CHECK (format IN ('envelope', 'flat')),
 	event_prefix text NOT NULL,
 	apply_role regrole NOT NULL,
-	created_at timestamptz NOT NULL DEFAULT now()
+	created_at timestamptz NOT NULL DEFAULT now(),
+	-- where partitions without a stored offset start; 'end' is resolved by
+	-- subscribe() into kafka_bridge.apply_progress at once
+	start_position text NOT NULL DEFAULT 'beginning'
+		CHECK (start_position IN ('beginning', 'end'))
 );
 
 COMMENT ON TABLE kafka_bridge.subscriptions IS
@@ -240,13 +277,14 @@ CREATE FUNCTION kafka_bridge.subscribe(
 	topic text DEFAULT NULL,
 	format text DEFAULT 'envelope',
 	event_prefix text DEFAULT NULL,
-	apply_role regrole DEFAULT NULL)
+	apply_role regrole DEFAULT NULL,
+	start_position text DEFAULT 'beginning')
 RETURNS void
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_subscribe';
 
-COMMENT ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole) IS
-'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the caller)';
+COMMENT ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text) IS
+'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the caller), from the beginning of the topic or (start_position => ''end'') from its current end';
 
 CREATE FUNCTION kafka_bridge.unsubscribe(tbl regclass)
 RETURNS void
@@ -260,16 +298,18 @@ CREATE FUNCTION kafka_bridge.sync(
 	tbl regclass,
 	topic text DEFAULT NULL,
 	format text DEFAULT 'envelope',
-	event_prefix text DEFAULT NULL)
+	event_prefix text DEFAULT NULL,
+	start_position text DEFAULT 'beginning')
 RETURNS void
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_sync';
 
-COMMENT ON FUNCTION kafka_bridge.sync(regclass, text, text, text) IS
+COMMENT ON FUNCTION kafka_bridge.sync(regclass, text, text, text, text) IS
 'publish a table to a topic and apply that topic to it: keeps the table in sync with every instance doing the same';
 
 CREATE VIEW kafka_bridge.subscribed_tables AS
-	SELECT relid AS table_name, topic, format, event_prefix, apply_role, created_at
+	SELECT relid AS table_name, topic, format, event_prefix, apply_role, created_at,
+		   start_position
 	  FROM kafka_bridge.subscriptions;
 
 COMMENT ON VIEW kafka_bridge.subscribed_tables IS
@@ -296,8 +336,8 @@ REVOKE ALL ON kafka_bridge.apply_origins FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.dead_letters FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.subscribed_tables FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.subscription_status FROM PUBLIC;
-REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.unsubscribe(regclass) FROM PUBLIC;
-REVOKE ALL ON FUNCTION kafka_bridge.sync(regclass, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.sync(regclass, text, text, text, text) FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.subscribed_tables TO pg_monitor;
 GRANT SELECT ON kafka_bridge.subscription_status TO pg_monitor;

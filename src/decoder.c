@@ -32,6 +32,7 @@
  *			int32 value length or -1 for a null value (tombstone), value bytes
  *			int16 header count, then per header: int16 name length, name
  *			bytes, int32 value length, value bytes
+ *	send	byte 'S', then as a record: a record of kafka_bridge.send()
  *	commit	byte 'C'
  *			int64 end LSN of the commit record (confirm the slot up to here
  *			once Kafka has acknowledged every record before it)
@@ -154,6 +155,7 @@ typedef struct KbRelEntry
 	char	   *event[KB_NUM_EVENTS];
 	char	   *event_json[KB_NUM_EVENTS];
 	KbRowShape *shape;
+	KbSnapshotFilter *snapshot; /* while a snapshot of the table runs */
 } KbRelEntry;
 
 /*
@@ -398,7 +400,7 @@ build_entry(KbDecodingData *data, KbRelEntry *entry, Relation relation)
 {
 	Oid			relid = RelationGetRelid(relation);
 	Oid			own_schema;
-	KbPublication pub;
+	KbPublication pub = {0};
 	bool		found;
 	Relation	target;
 	Bitmapset  *key_columns = NULL;
@@ -413,6 +415,7 @@ build_entry(KbDecodingData *data, KbRelEntry *entry, Relation relation)
 	entry->target_relid = relid;
 	entry->map = NULL;
 	entry->target_desc = NULL;
+	entry->snapshot = NULL;
 
 	/*
 	 * Valid from now on: an invalidation that arrives while this runs (catalog
@@ -492,6 +495,7 @@ build_entry(KbDecodingData *data, KbRelEntry *entry, Relation relation)
 		key_columns = index_key_columns(RelationGetReplicaIndex(target));
 	entry->shape = kb_row_shape_create(RelationGetDescr(target), key_columns,
 									   all_key, entry->cxt);
+	entry->snapshot = kb_snapshot_filter_create(target, &pub);
 
 	entry->format = pub.format;
 	entry->tombstones = pub.tombstones && pub.format == KB_FORMAT_ENVELOPE;
@@ -726,6 +730,10 @@ emit_put(LogicalDecodingContext *ctx, KbDecodingData *data, KbRelEntry *entry,
 		 StringInfo key, Datum *values, bool *nulls)
 {
 	StringInfo	out = ctx->out;
+
+	/* a row the running snapshot has not reached yet: it will publish it */
+	if (entry->snapshot && kb_snapshot_filter_skips(entry->snapshot, values, nulls))
+		return;
 
 	record_begin(ctx, data, entry, KB_PUT, key, false, true);
 	if (entry->format == KB_FORMAT_ENVELOPE)
@@ -1033,7 +1041,7 @@ kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	if (data->output == KB_OUTPUT_KAFKA)
 	{
 		/* the message is a record frame but for its first byte */
-		pq_sendbyte(out, KB_FRAME_RECORD);
+		pq_sendbyte(out, KB_FRAME_SEND_RECORD);
 		pq_sendbytes(out, message + 1, message_size - 1);
 		OutputPluginWrite(ctx, true);
 		data->txn_has_records = true;

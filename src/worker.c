@@ -237,6 +237,7 @@ worker_loop(const char *dbname)
 	{
 		TimestampTz now;
 		long		nap;
+		bool		snapshot_busy;
 
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(loop_cxt);
@@ -259,13 +260,17 @@ worker_loop(const char *dbname)
 			wal_level >= WAL_LEVEL_LOGICAL && now >= w.publish_retry_at)
 			w.pub = kb_publisher_start(my_slot, w.client);
 
+		snapshot_busy = false;
 		if (w.pub)
 			publish_step(&w);
 		else if (w.client)
 			kb_kafka_client_poll(w.client);
+		/* a chunk of a table's snapshot between two rounds of decoding */
+		if (w.pub)
+			snapshot_busy = kb_snapshot_step(w.pub, my_slot);
 
-		/* no sleep while WAL waits; short naps while acknowledgements do */
-		if (w.pub && !kb_publisher_caught_up(w.pub))
+		/* no sleep while WAL or a snapshot waits; short naps while acknowledgements do */
+		if (w.pub && (!kb_publisher_caught_up(w.pub) || snapshot_busy))
 			nap = 0;
 		else if (w.pub && kb_publisher_pending(w.pub))
 			nap = 10;
