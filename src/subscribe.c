@@ -122,6 +122,108 @@ check_subscribable(Relation rel)
 	}
 }
 
+/* A start_position argument: "beginning" or "end" (true). */
+static bool
+parse_start_position(const char *value)
+{
+	if (strcmp(value, "beginning") == 0)
+		return false;
+	if (strcmp(value, "end") == 0)
+		return true;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("invalid value \"%s\" for parameter \"start_position\"", value),
+			 errhint("start_position is \"beginning\" (apply the whole topic) or \"end\" (apply only the records written after subscribe()).")));
+	return false;				/* keep the compiler quiet */
+}
+
+/* longest wait for the brokers when subscribe() reads where a topic ends */
+#define KB_END_TIMEOUT_MS 5000
+
+/*
+ * start_position 'end': store the current end of every partition of the
+ * topic as where the applier starts, once and for all, in the caller's
+ * transaction.  Partitions that have a stored offset keep it; a topic
+ * that does not exist yet has no record to skip.
+ */
+static void
+store_end_offsets(const char *topic)
+{
+	KbKafkaClient *client;
+	char	   *detail;
+	char		error[512] = "";
+	rd_kafka_t *rk;
+	rd_kafka_topic_t *rkt;
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_resp_err_t err;
+	int			npartitions = 0;
+	int32	   *partitions = NULL;
+	int64	   *ends = NULL;
+
+	if (kb_bootstrap_servers == NULL || kb_bootstrap_servers[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("start_position \"end\" needs kafka_bridge.bootstrap_servers to be set"),
+				 errdetail("subscribe() reads where each partition of topic \"%s\" ends from the brokers.", topic)));
+	client = kb_kafka_client_create(KB_CLIENT_CONSUMER,
+									psprintf("kafka_bridge-subscribe-%s-%d", kb_instance_id(), MyProcPid),
+									NULL, &detail);
+	if (client == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("could not create a Kafka client to read the end of topic \"%s\"", topic),
+				 errdetail("%s", detail)));
+
+	/* no error is raised while the client exists: it would leak its threads */
+	rk = kb_kafka_client_handle(client);
+	rkt = rd_kafka_topic_new(rk, topic, NULL);
+	err = rd_kafka_metadata(rk, 0, rkt, &md, KB_END_TIMEOUT_MS);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		snprintf(error, sizeof(error), "%s", rd_kafka_err2str(err));
+	else if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		npartitions = md->topics[0].partition_cnt;
+		partitions = palloc(sizeof(int32) * Max(npartitions, 1));
+		ends = palloc(sizeof(int64) * Max(npartitions, 1));
+		for (int i = 0; i < npartitions && error[0] == '\0'; i++)
+		{
+			int64		low;
+
+			partitions[i] = md->topics[0].partitions[i].id;
+			err = rd_kafka_query_watermark_offsets(rk, topic, partitions[i], &low, &ends[i],
+												   KB_END_TIMEOUT_MS);
+			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+				snprintf(error, sizeof(error), "partition %d: %s", partitions[i],
+						 rd_kafka_err2str(err));
+		}
+	}
+	if (error[0] && kb_kafka_client_last_error(client)[0])
+		strlcat(error, psprintf(" (%s)", kb_kafka_client_last_error(client)), sizeof(error));
+	if (md)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
+	kb_kafka_client_destroy(client);
+
+	if (error[0])
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not read where topic \"%s\" ends", topic),
+				 errdetail("Kafka at \"%s\": %s.", kb_bootstrap_servers, error),
+				 errhint("start_position \"end\" needs the brokers; subscribe with start_position => 'beginning', or when Kafka is reachable.")));
+	for (int i = 0; i < npartitions; i++)
+	{
+		Oid			types[3] = {TEXTOID, INT4OID, INT8OID};
+		Datum		values[3];
+
+		values[0] = CStringGetTextDatum(topic);
+		values[1] = Int32GetDatum(partitions[i]);
+		values[2] = Int64GetDatum(ends[i]);
+		run_as_owner("INSERT INTO kafka_bridge.apply_progress (topic, partition, next_offset, high_watermark) "
+					 "VALUES ($1, $2, $3, $3) ON CONFLICT (topic, partition) DO NOTHING",
+					 3, types, values, NULL);
+	}
+}
+
 /* Wake the applier when the transaction commits. */
 static void
 subscriptions_changed(void)
@@ -144,9 +246,10 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	char	   *prefix;
 	KbEventFormat format;
 	Oid			role;
-	Oid			types[5] = {OIDOID, TEXTOID, TEXTOID, TEXTOID, OIDOID};
-	Datum		values[5];
+	Oid			types[6] = {OIDOID, TEXTOID, TEXTOID, TEXTOID, OIDOID, TEXTOID};
+	Datum		values[6];
 	int			n;
+	bool		from_end;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -155,6 +258,8 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	relid = PG_GETARG_OID(0);
 	format = kb_parse_format(PG_ARGISNULL(2) ? "envelope" :
 							 text_to_cstring(PG_GETARG_TEXT_PP(2)));
+	from_end = (PG_NARGS() > 5 && !PG_ARGISNULL(5)) &&
+		parse_start_position(text_to_cstring(PG_GETARG_TEXT_PP(5)));
 
 	rel = kb_open_owned_table(relid);
 	check_subscribable(rel);
@@ -179,6 +284,7 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	values[2] = CStringGetTextDatum(format == KB_FORMAT_FLAT ? "flat" : "envelope");
 	values[3] = CStringGetTextDatum(prefix);
 	values[4] = ObjectIdGetDatum(role);
+	values[5] = CStringGetTextDatum(from_end ? "end" : "beginning");
 
 	/* one table per topic: two tables fed by one topic would fight over it */
 	n = run_as_owner("SELECT 1 FROM kafka_bridge.subscriptions WHERE topic = $2 AND relid <> $1",
@@ -196,11 +302,14 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	run_as_owner("DELETE FROM kafka_bridge.apply_origins p USING kafka_bridge.subscriptions s "
 				 "WHERE s.relid = $1 AND s.topic <> $2 AND p.topic = s.topic",
 				 2, types, values, NULL);
-	run_as_owner("INSERT INTO kafka_bridge.subscriptions (relid, topic, format, event_prefix, apply_role) "
-				 "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (relid) DO UPDATE SET "
+	run_as_owner("INSERT INTO kafka_bridge.subscriptions (relid, topic, format, event_prefix, apply_role, start_position) "
+				 "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (relid) DO UPDATE SET "
 				 "topic = excluded.topic, format = excluded.format, "
-				 "event_prefix = excluded.event_prefix, apply_role = excluded.apply_role",
-				 5, types, values, NULL);
+				 "event_prefix = excluded.event_prefix, apply_role = excluded.apply_role, "
+				 "start_position = excluded.start_position",
+				 6, types, values, NULL);
+	if (from_end)
+		store_end_offsets(topic);
 
 	/* only the applier of a listed database applies: say so when there is none */
 	{
@@ -248,31 +357,40 @@ kafka_bridge_unsubscribe(PG_FUNCTION_ARGS)
 }
 
 /*
- * kafka_bridge.sync(tbl, topic, format, event_prefix): publish the table to
- * the topic and apply the topic to it.  The applier skips the events whose
- * origin is this instance, and applies the others under a replication
- * origin that the publisher filters out: nothing goes round in circles.
+ * kafka_bridge.sync(tbl, topic, format, event_prefix, start_position):
+ * publish the table to the topic and apply the topic to it.  The applier
+ * skips the events whose origin is this instance, and applies the others
+ * under a replication origin that the publisher filters out: nothing goes
+ * round in circles.
  */
 Datum
 kafka_bridge_sync(PG_FUNCTION_ARGS)
 {
 	LOCAL_FCINFO(pub, 5);
-	LOCAL_FCINFO(sub, 5);
+	LOCAL_FCINFO(sub, 6);
 
 	InitFunctionCallInfoData(*pub, NULL, 5, InvalidOid, NULL, NULL);
-	InitFunctionCallInfoData(*sub, NULL, 5, InvalidOid, NULL, NULL);
+	InitFunctionCallInfoData(*sub, NULL, 6, InvalidOid, NULL, NULL);
+
+	/* refuse a bad start_position before publishing */
+	if (PG_NARGS() > 4 && !PG_ARGISNULL(4))
+		(void) parse_start_position(text_to_cstring(PG_GETARG_TEXT_PP(4)));
 
 	/* publish(tbl, topic, event_prefix, format, tombstones) */
 	for (int i = 0; i < 5; i++)
-		pub->args[i].isnull = sub->args[i].isnull = true;
+		pub->args[i].isnull = true;
+	for (int i = 0; i < 6; i++)
+		sub->args[i].isnull = true;
 	pub->args[0] = fcinfo->args[0];
 	pub->args[1] = fcinfo->args[1];
 	pub->args[2] = fcinfo->args[3];
 	pub->args[3] = fcinfo->args[2];
 
-	/* subscribe(tbl, topic, format, event_prefix, apply_role) */
+	/* subscribe(tbl, topic, format, event_prefix, apply_role, start_position) */
 	for (int i = 0; i < 4; i++)
 		sub->args[i] = fcinfo->args[i];
+	if (PG_NARGS() > 4)
+		sub->args[5] = fcinfo->args[4];
 
 	(void) kafka_bridge_publish(pub);
 	(void) kafka_bridge_subscribe(sub);
