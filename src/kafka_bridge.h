@@ -48,6 +48,8 @@ extern bool kb_create_topics;
 extern int	kb_topic_partitions;
 extern int	kb_topic_replication_factor;
 extern int	kb_topic_cleanup_policy;
+extern int	kb_snapshot_chunk_rows;
+extern int	kb_snapshot_chunk_time;	/* ms */
 
 /* kafka_bridge.topic_cleanup_policy */
 typedef enum KbCleanupPolicy

@@ -38,6 +38,8 @@ bool		kb_create_topics = true;
 int			kb_topic_partitions = -1;
 int			kb_topic_replication_factor = -1;
 int			kb_topic_cleanup_policy = KB_CLEANUP_COMPACT;
+int			kb_snapshot_chunk_rows = 50000;
+int			kb_snapshot_chunk_time = 200;
 
 static const struct config_enum_entry cleanup_policies[] = {
 	{"compact", KB_CLEANUP_COMPACT, false},
@@ -552,6 +554,20 @@ kb_define_settings(void)
 							 &kb_topic_cleanup_policy, KB_CLEANUP_COMPACT, cleanup_policies,
 							 PGC_SIGHUP, 0,
 							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.snapshot_chunk_rows",
+							"Most rows one chunk of a snapshot reads.",
+							"Each chunk holds a SHARE lock on the table until Kafka acknowledged its rows.",
+							&kb_snapshot_chunk_rows, 50000, 1, 10000000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.snapshot_chunk_time",
+							"Longest time one chunk of a snapshot reads rows, while writers of the table wait.",
+							NULL,
+							&kb_snapshot_chunk_time, 200, 1, 60000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("kafka_bridge");
 

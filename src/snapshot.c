@@ -13,9 +13,9 @@
  *	   it gives up and tries again after the next round of decoding, so
  *	   writers never queue long behind it);
  *	2. reads the rows whose key is above snapshot_upto, in key order, at
- *	   most KB_SNAPSHOT_CHUNK_ROWS of them and for at most
- *	   KB_SNAPSHOT_CHUNK_MS, and produces each as a PUT event with the
- *	   producer the stream uses;
+ *	   at most kafka_bridge.snapshot_chunk_rows of them and for at most
+ *	   kafka_bridge.snapshot_chunk_time, and produces each as a PUT event
+ *	   with the producer the stream uses;
  *	3. waits until the brokers acknowledged them all;
  *	4. moves snapshot_upto to the last key read (state "running", or
  *	   "done" once no row is left) and commits.
@@ -82,9 +82,6 @@
 #include "event_codec.h"
 #include "kafka_bridge.h"
 
-/* most rows a chunk reads, and for how long it reads while holding the lock */
-#define KB_SNAPSHOT_CHUNK_ROWS 100000
-#define KB_SNAPSHOT_CHUNK_MS 200
 #define KB_SNAPSHOT_FETCH_ROWS 1000
 /* how long a chunk waits for the lock, then for the acknowledgements */
 #define KB_SNAPSHOT_LOCK_TIMEOUT "100ms"
@@ -476,7 +473,7 @@ chunk_query(Chunk *c, int *nargs, Oid **types, Datum **values)
 		*nargs = c->key.nkeys;
 		appendStringInfo(&sql, " WHERE (%s) > (%s)", cols.data, params.data);
 	}
-	appendStringInfo(&sql, " ORDER BY %s LIMIT %d", cols.data, KB_SNAPSHOT_CHUNK_ROWS);
+	appendStringInfo(&sql, " ORDER BY %s LIMIT %d", cols.data, kb_snapshot_chunk_rows);
 	return sql.data;
 }
 
@@ -492,7 +489,7 @@ produce_chunk(KbPublisher *pub, Chunk *c)
 	Portal		portal;
 	Datum	   *values = palloc(sizeof(Datum) * Max(desc->natts, 1));
 	bool	   *nulls = palloc(sizeof(bool) * Max(desc->natts, 1));
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_SNAPSHOT_CHUNK_MS);
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), kb_snapshot_chunk_time);
 	MemoryContext row_cxt = AllocSetContextCreate(CurrentMemoryContext, "kafka_bridge snapshot row",
 												  ALLOCSET_DEFAULT_SIZES);
 	char	  **upto = NULL;
@@ -528,7 +525,7 @@ produce_chunk(KbPublisher *pub, Chunk *c)
 		if (n < KB_SNAPSHOT_FETCH_ROWS)
 		{
 			/* a chunk that read its LIMIT may have left rows behind */
-			c->exhausted = c->key.nkeys == 0 || c->rows < KB_SNAPSHOT_CHUNK_ROWS;
+			c->exhausted = c->key.nkeys == 0 || c->rows < kb_snapshot_chunk_rows;
 			break;
 		}
 		/* a table without a key cannot stop half-way */
@@ -611,6 +608,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	PG_TRY();
 	{
 		/* the table and, for a partitioned one, every partition */
+		LockRelationOid(relid, ShareLock);
 		(void) find_all_inheritors(relid, ShareLock, NULL);
 	}
 	PG_CATCH();
