@@ -60,16 +60,20 @@ CREATE TABLE kafka_bridge.publications (
 	tombstones boolean NOT NULL DEFAULT true,
 	created_at timestamptz NOT NULL DEFAULT now(),
 	-- the snapshot of the rows already there (snapshot.c): 'pending' until
-	-- its first chunk, 'running', then 'done'; 'skipped' with snapshot =>
-	-- false.  The output plugin holds back the PUT events of keys above
-	-- snapshot_upto while it runs: the snapshot publishes those rows.
+	-- its first chunk, 'running', 'finishing' once every row is read (and
+	-- not yet acknowledged by Kafka), then 'done'; 'skipped' with snapshot
+	-- => false.  The output plugin holds back the PUT events of keys above
+	-- snapshot_upto while it is pending or running: the snapshot publishes
+	-- those rows.  snapshot_acked: the last key whose records Kafka
+	-- acknowledged, where a snapshot starts again after a failure.
 	snapshot_state text NOT NULL DEFAULT 'skipped'
-		CHECK (snapshot_state IN ('skipped', 'pending', 'running', 'done')),
+		CHECK (snapshot_state IN ('skipped', 'pending', 'running', 'finishing', 'done')),
 	snapshot_upto text[],
 	snapshot_rows bigint NOT NULL DEFAULT 0,
 	snapshot_estimate bigint NOT NULL DEFAULT 0,
 	snapshot_started_at timestamptz,
-	snapshot_done_at timestamptz
+	snapshot_done_at timestamptz,
+	snapshot_acked text[]
 ) WITH (user_catalog_table = true);
 
 COMMENT ON TABLE kafka_bridge.publications IS

@@ -149,7 +149,8 @@ extern int	kb_append_row(StringInfo buf, KbRowShape *shape, Datum *values,
 #define Anum_kb_publications_snapshot_estimate	10
 #define Anum_kb_publications_snapshot_started_at	11
 #define Anum_kb_publications_snapshot_done_at	12
-#define Natts_kb_publications				12
+#define Anum_kb_publications_snapshot_acked	13
+#define Natts_kb_publications				13
 
 #define KB_SCHEMA_NAME			"kafka_bridge"
 #define KB_PUBLICATIONS_NAME	"publications"

@@ -197,14 +197,15 @@ extern void kb_publisher_delivery_report(rd_kafka_t *rk,
 typedef struct KbPublishBatch KbPublishBatch;
 
 extern XLogRecPtr kb_publisher_boundary(KbPublisher *pub);
+extern bool kb_publisher_prepare_topic(KbPublisher *pub, const char *topic);
 extern KbPublishBatch *kb_publisher_batch_new(KbPublisher *pub);
 extern void kb_publisher_produce_frame(KbPublisher *pub, struct StringInfoData *frame,
 									   KbPublishBatch *batch);
-extern bool kb_publisher_batch_wait(KbPublisher *pub, KbPublishBatch *batch,
-									int timeout_ms);
+extern bool kb_publisher_batch_acknowledged(KbPublishBatch *batch);
 
 /* ---- snapshot.c ---- */
 
 extern bool kb_snapshot_step(KbPublisher *pub, int status_slot);
+extern void kb_snapshot_forget(void);
 
 #endif							/* KAFKA_BRIDGE_H */

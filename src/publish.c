@@ -444,6 +444,7 @@ set_snapshot_columns(Datum *values, bool *nulls, bool *replace,
 	nulls[Anum_kb_publications_snapshot_started_at - 1] = strcmp(state, "skipped") == 0;
 	values[Anum_kb_publications_snapshot_done_at - 1] = TimestampTzGetDatum(now);
 	nulls[Anum_kb_publications_snapshot_done_at - 1] = !done;
+	nulls[Anum_kb_publications_snapshot_acked - 1] = true;
 	for (int i = Anum_kb_publications_snapshot_state; i <= Natts_kb_publications; i++)
 		replace[i - 1] = true;
 }

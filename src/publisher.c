@@ -12,9 +12,8 @@
  * produced records.
  *
  * Snapshots (snapshot.c) produce their records through the same producer,
- * between two rounds of decoding, and wait for their acknowledgements
- * before their chunk commits: a batch counts them like a transaction,
- * outside the FIFO.
+ * between two rounds of decoding: a batch counts the acknowledgements of a
+ * chunk's records like a transaction's, outside the FIFO.
  *
  * A topic is created (kafka_client.c) before the first record the
  * publisher sends to it, with the kafka_bridge.topic_* settings.
@@ -589,30 +588,36 @@ kb_publisher_produce_frame(KbPublisher *pub, StringInfo frame, KbPublishBatch *b
 	produce_record(pub, frame, true, (PendingTxn *) batch);
 }
 
+/* Whether every record of batch is acknowledged. */
+bool
+kb_publisher_batch_acknowledged(KbPublishBatch *batch)
+{
+	return ((PendingTxn *) batch)->outstanding == 0;
+}
+
 /*
- * Wait until every record of batch is acknowledged: true then.  False when
- * a delivery failed or timeout_ms passed first; the publisher is then
- * failed, and the worker starts it again.
+ * Make sure a topic exists and the producer knows its partitions, before a
+ * snapshot chunk locks its table: creating a topic and learning its leaders
+ * takes a while, during which the table's writers would wait.  False when
+ * the topic could not be created (the publisher is then failed).
  */
 bool
-kb_publisher_batch_wait(KbPublisher *pub, KbPublishBatch *batch, int timeout_ms)
+kb_publisher_prepare_topic(KbPublisher *pub, const char *topic)
 {
-	PendingTxn *txn = (PendingTxn *) batch;
 	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
+	int			len = strlen(topic);
+	rd_kafka_topic_t *rkt;
+	const struct rd_kafka_metadata *md = NULL;
 
-	while (!pub->failed && txn->outstanding > 0)
-	{
-		if (GetCurrentTimestamp() >= deadline)
-		{
-			snprintf(pub->failure, sizeof(pub->failure),
-					 "the brokers did not acknowledge %lld snapshot records within %d ms",
-					 (long long) txn->outstanding, timeout_ms);
-			pub->failed = true;
-			break;
-		}
-		rd_kafka_poll(rk, 5);
-		CHECK_FOR_INTERRUPTS();
-	}
-	return !pub->failed;
+	if (len <= 0 || len >= sizeof(pub->topics[0].name))
+		return true;			/* produce_record says what is wrong */
+	for (int i = 0; i < pub->ntopics; i++)
+		if (pub->topics[i].len == len && memcmp(pub->topics[i].name, topic, len) == 0)
+			return true;
+	rkt = topic_handle(pub, rk, topic, len, true);
+	if (rkt == NULL)
+		return false;
+	if (rd_kafka_metadata(rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		rd_kafka_metadata_destroy(md);
+	return true;
 }

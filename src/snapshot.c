@@ -83,9 +83,10 @@
 #include "kafka_bridge.h"
 
 #define KB_SNAPSHOT_FETCH_ROWS 1000
-/* how long a chunk waits for the lock, then for the acknowledgements */
+/* how long a chunk waits for the lock */
 #define KB_SNAPSHOT_LOCK_TIMEOUT "100ms"
-#define KB_SNAPSHOT_ACK_TIMEOUT_MS 10000
+/* how many chunks may wait for their acknowledgements at once */
+#define KB_SNAPSHOT_MAX_IN_FLIGHT 2
 /* how often the publisher looks for a snapshot to run when there is none */
 #define KB_SNAPSHOT_LOOK_MS 1000
 /* the WAL record each chunk writes first (ignored by the output plugin) */
@@ -249,7 +250,6 @@ typedef struct Chunk
 	char	   *topic;
 	KbEventFormat format;
 	char	   *event;			/* <PREFIX>-PUT */
-	bool		running;		/* a chunk committed already */
 	int			nupto;
 	char	  **upto;
 	int64		rows_before;
@@ -264,18 +264,22 @@ typedef struct Chunk
 	bool		exhausted;		/* no row is left after this chunk */
 } Chunk;
 
-/* The oldest snapshot to run, or InvalidOid (in a transaction, SPI connected). */
+/*
+ * The oldest snapshot to run, or InvalidOid (in a transaction, SPI
+ * connected); *topic is its topic.
+ */
 static Oid
-next_snapshot(void)
+next_snapshot(char **topic)
 {
 	bool		isnull;
 
-	if (SPI_execute("SELECT relid::pg_catalog.oid FROM kafka_bridge.publications "
+	if (SPI_execute("SELECT relid::pg_catalog.oid, topic FROM kafka_bridge.publications "
 					"WHERE snapshot_state IN ('pending', 'running') "
 					"ORDER BY snapshot_started_at LIMIT 1", true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading kafka_bridge.publications failed");
 	if (SPI_processed == 0)
 		return InvalidOid;
+	*topic = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
 	return DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
@@ -303,7 +307,6 @@ read_publication(Chunk *c, Oid relid)
 	state = SPI_getvalue(tup, desc, 4);
 	if (strcmp(state, "pending") != 0 && strcmp(state, "running") != 0)
 		return false;
-	c->running = strcmp(state, "running") == 0;
 	c->topic = SPI_getvalue(tup, desc, 1);
 	c->event = psprintf("%s-%s", SPI_getvalue(tup, desc, 2), KB_EVENT_PUT);
 	c->format = kb_parse_format(SPI_getvalue(tup, desc, 3));
@@ -538,70 +541,113 @@ produce_chunk(KbPublisher *pub, Chunk *c)
 	return upto;
 }
 
-/* Record the chunk in the catalog: the output plugin sees it at its commit. */
-static void
-store_progress(Chunk *c, char **upto)
+/* A chunk committed, whose records Kafka has not all acknowledged yet. */
+typedef struct InFlight
 {
-	Oid			types[4] = {OIDOID, TEXTOID, TEXTARRAYOID, INT8OID};
-	Datum		values[4];
-	char		nulls[4] = "    ";
+	Oid			relid;
+	KbPublishBatch *batch;
+	Datum		upto;			/* text[] in snapshot_cxt; 0 for none */
+	bool		exhausted;		/* the snapshot's last chunk */
+} InFlight;
+
+static MemoryContext snapshot_cxt = NULL;
+static List *in_flight = NIL;	/* InFlight, oldest first, in snapshot_cxt */
+static bool need_reset = true;
+
+/* the last chunk acknowledged, not yet recorded in snapshot_acked */
+static Oid	acked_relid = InvalidOid;
+static Datum acked_upto = (Datum) 0;
+
+/*
+ * The publisher starts (again): the records of the chunks in flight may
+ * be lost with the producer it had, so the snapshots go back to what Kafka
+ * acknowledged (see reset_unacknowledged).
+ */
+void
+kb_snapshot_forget(void)
+{
+	if (snapshot_cxt == NULL)
+		snapshot_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge snapshots",
+											 ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(snapshot_cxt);
+	in_flight = NIL;
+	acked_relid = InvalidOid;
+	acked_upto = (Datum) 0;
+	need_reset = true;
+}
+
+/* The key of a row as a text[] datum, for snapshot_upto; 0 when keyless. */
+static Datum
+key_array(Chunk *c, char **upto)
+{
+	Datum	   *elems;
+
+	if (upto == NULL)
+		return (Datum) 0;
+	elems = palloc(sizeof(Datum) * c->key.nkeys);
+	for (int i = 0; i < c->key.nkeys; i++)
+		elems[i] = CStringGetTextDatum(upto[i]);
+	return PointerGetDatum(construct_array(elems, c->key.nkeys, TEXTOID, -1, false,
+										   TYPALIGN_INT));
+}
+
+/*
+ * Record the chunk in the catalog: the output plugin sees it at its
+ * commit.  Also records the last chunk of the table Kafka acknowledged.
+ */
+static void
+store_progress(Chunk *c, Datum upto)
+{
+	Oid			types[5] = {OIDOID, TEXTOID, TEXTARRAYOID, INT8OID, TEXTARRAYOID};
+	Datum		values[5];
+	char		nulls[5] = "     ";
 
 	values[0] = ObjectIdGetDatum(RelationGetRelid(c->rel));
-	values[1] = CStringGetTextDatum(c->exhausted ? "done" : "running");
-	/* a chunk that read no row has none left: the key matters no more */
-	if (upto != NULL)
-	{
-		Datum	   *elems = palloc(sizeof(Datum) * c->key.nkeys);
-
-		for (int i = 0; i < c->key.nkeys; i++)
-			elems[i] = CStringGetTextDatum(upto[i]);
-		values[2] = PointerGetDatum(construct_array(elems, c->key.nkeys, TEXTOID, -1, false,
-													TYPALIGN_INT));
-	}
-	else
-		nulls[2] = 'n';
+	values[1] = CStringGetTextDatum(c->exhausted ? "finishing" : "running");
+	values[2] = upto;
+	nulls[2] = upto == (Datum) 0 ? 'n' : ' ';
 	values[3] = Int64GetDatum(c->rows);
+	values[4] = acked_upto;
+	nulls[4] = acked_relid == RelationGetRelid(c->rel) ? ' ' : 'n';
 	if (SPI_execute_with_args("UPDATE kafka_bridge.publications SET snapshot_state = $2, snapshot_upto = $3, "
 							  "snapshot_rows = snapshot_rows OPERATOR(pg_catalog.+) $4, "
-							  "snapshot_done_at = CASE WHEN $2 OPERATOR(pg_catalog.=) 'done' THEN pg_catalog.now() END "
+							  "snapshot_acked = CASE WHEN $5 IS NULL THEN snapshot_acked ELSE $5 END "
 							  "WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1",
-							  4, types, values, nulls, false, 0) != SPI_OK_UPDATE)
+							  5, types, values, nulls, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "updating kafka_bridge.publications failed");
 	kb_invalidate_publication(c->rel);
 }
 
 static void
-report_progress(int status_slot, Chunk *c)
+report(int status_slot, const char *fmt,...) pg_attribute_printf(2, 3);
+
+static void
+report(int status_slot, const char *fmt,...)
 {
 	char		activity[128];
-	long long	done = (long long) (c->rows_before + c->rows);
+	va_list		args;
 
-	if (c->exhausted)
-		snprintf(activity, sizeof(activity), "snapshot of table \"%s\" done: %lld rows",
-				 c->relname, done);
-	else
-		snprintf(activity, sizeof(activity), "snapshot of table \"%s\": %lld of about %lld rows",
-				 c->relname, done, (long long) Max(c->estimate, done));
+	va_start(args, fmt);
+	vsnprintf(activity, sizeof(activity), fmt, args);
+	va_end(args);
 	kb_status_set(status_slot, kb_status_slot(status_slot)->state, activity);
-	if (c->exhausted)
-		ereport(LOG,
-				(errmsg("kafka_bridge published the snapshot of table \"%s\": %lld rows",
-						c->relname, done)));
 }
 
 /*
  * Run one chunk of the snapshot of table relid, in the current
  * transaction (SPI connected).  Returns false when the lock was not
- * granted in time.
+ * granted in time: the caller then rolls back.
  */
 static bool
 run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 {
 	Chunk		c = {0};
-	char	  **upto;
+	Datum		upto;
 	XLogRecPtr	mark;
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool locked = true;
+	TimestampTz locked_at;
+	InFlight   *f;
 
 	(void) set_config_option("lock_timeout", KB_SNAPSHOT_LOCK_TIMEOUT, PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
@@ -622,6 +668,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	PG_END_TRY();
 	if (!locked)
 		return false;
+	locked_at = GetCurrentTimestamp();
 	(void) set_config_option("lock_timeout", "0", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
 
@@ -648,59 +695,145 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	build_head(&c, boundary);
 	pgstat_report_activity(STATE_RUNNING, psprintf("publishing a snapshot chunk of table \"%s\"",
 												   c.relname));
-	upto = produce_chunk(pub, &c);
-	if (!kb_publisher_batch_wait(pub, c.batch, KB_SNAPSHOT_ACK_TIMEOUT_MS))
-		ereport(ERROR,
-				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("the snapshot chunk of table \"%s\" was not acknowledged by Kafka", c.relname),
-				 errdetail("The chunk is published again once the publisher has reconnected.")));
+	upto = key_array(&c, produce_chunk(pub, &c));
 	store_progress(&c, upto);
+	ereport(DEBUG1,
+			(errmsg_internal("kafka_bridge snapshot chunk of table \"%s\": %lld rows in %ld ms",
+							 c.relname, (long long) c.rows,
+							 TimestampDifferenceMilliseconds(locked_at, GetCurrentTimestamp()))));
 	PopActiveSnapshot();
 	relation_close(c.rel, NoLock);
-	report_progress(status_slot, &c);
+
+	/* waits for its acknowledgements once committed, with the lock released */
+	f = MemoryContextAllocZero(snapshot_cxt, sizeof(InFlight));
+	f->relid = relid;
+	f->batch = c.batch;
+	if (upto)
+	{
+		Size		len = VARSIZE(DatumGetPointer(upto));
+
+		f->upto = PointerGetDatum(MemoryContextAlloc(snapshot_cxt, len));
+		memcpy(DatumGetPointer(f->upto), DatumGetPointer(upto), len);
+	}
+	f->exhausted = c.exhausted;
+	in_flight = lappend(in_flight, f);	/* taken back if the commit fails */
+	report(status_slot, "snapshot of table \"%s\": %lld of about %lld rows",
+		   c.relname, (long long) (c.rows_before + c.rows),
+		   (long long) Max(c.estimate, c.rows_before + c.rows));
 	return true;
 }
 
 /*
- * Run the next chunk of a pending snapshot, if decoding stands at a
- * boundary (kb_publisher_boundary).  Returns true while a snapshot remains
- * to be done, so that the worker comes back without sleeping.
+ * After the publisher started again: a chunk whose records Kafka may not
+ * have acknowledged is read again.  Moving snapshot_upto back is safe: the
+ * output plugin then holds back the changes of those keys again, and the
+ * next chunk reads their rows as they are.
  */
-bool
-kb_snapshot_step(KbPublisher *pub, int status_slot)
+static void
+reset_unacknowledged(int status_slot)
 {
-	static TimestampTz next_look = 0;
-	static bool busy = false;
-	XLogRecPtr	boundary;
-	MemoryContext cxt = CurrentMemoryContext;
-	Oid			relid;
+	uint64		n;
 
-	if (GetCurrentTimestamp() < next_look)
-		return false;
-	boundary = kb_publisher_boundary(pub);
-	if (boundary == InvalidXLogRecPtr)
-		return busy;
+	if (SPI_execute("UPDATE kafka_bridge.publications SET snapshot_state = 'running', "
+					"snapshot_upto = snapshot_acked "
+					"WHERE snapshot_state IN ('running', 'finishing') "
+					"RETURNING relid::pg_catalog.oid", false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "updating kafka_bridge.publications failed");
+	n = SPI_processed;
+	for (uint64 i = 0; i < n; i++)
+	{
+		bool		isnull;
+		Oid			relid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[i],
+														   SPI_tuptable->tupdesc, 1, &isnull));
+		Relation	rel = try_relation_open(relid, AccessShareLock);
+
+		if (rel == NULL)
+			continue;
+		kb_invalidate_publication(rel);
+		relation_close(rel, AccessShareLock);
+	}
+}
+
+/* The last chunk of a table's snapshot is acknowledged: it is done. */
+static void
+finish_snapshot(int status_slot, InFlight *f)
+{
+	Oid			types[1] = {OIDOID};
+	Datum		values[1] = {ObjectIdGetDatum(f->relid)};
+	bool		isnull;
+
+	if (SPI_execute_with_args("UPDATE kafka_bridge.publications SET snapshot_state = 'done', "
+							  "snapshot_acked = snapshot_upto, snapshot_done_at = pg_catalog.now() "
+							  "WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1 "
+							  "AND snapshot_state = 'finishing' RETURNING relid::pg_catalog.text, snapshot_rows",
+							  1, types, values, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "updating kafka_bridge.publications failed");
+	if (SPI_processed != 1)
+		return;
+	report(status_slot, "snapshot of table \"%s\" done: %lld rows",
+		   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
+		   (long long) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull)));
+	ereport(LOG,
+			(errmsg("kafka_bridge published the snapshot of table %s: %lld rows",
+					SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
+					(long long) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull)))));
+}
+
+/* What one transaction of kb_snapshot_step does. */
+typedef enum StepWork
+{
+	STEP_RESET,
+	STEP_FINISH,
+	STEP_CHUNK
+} StepWork;
+
+/*
+ * Run one piece of work in a transaction of its own.  Errors are logged
+ * and shown in kafka_bridge.status, and the work is tried again later;
+ * returns false then.
+ */
+static bool
+run_step(StepWork work, KbPublisher *pub, int status_slot, InFlight *f, XLogRecPtr boundary,
+		 bool *busy)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int			in_flight_before = list_length(in_flight);
+	volatile bool ok = true;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PG_TRY();
 	{
+		bool		commit = true;
+
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
-		PushActiveSnapshot(GetTransactionSnapshot());
-		relid = next_snapshot();
-		PopActiveSnapshot();
-		busy = OidIsValid(relid);
-		if (busy && !run_chunk(pub, status_slot, relid, boundary))
-		{
-			/* writers hold the table: let them, try after the next round */
-			SPI_finish();
-			AbortCurrentTransaction();
-		}
+		if (work == STEP_RESET)
+			reset_unacknowledged(status_slot);
+		else if (work == STEP_FINISH)
+			finish_snapshot(status_slot, f);
 		else
 		{
-			SPI_finish();
+			char	   *topic = NULL;
+			Oid			relid;
+
+			PushActiveSnapshot(GetTransactionSnapshot());
+			relid = next_snapshot(&topic);
+			PopActiveSnapshot();
+			*busy = OidIsValid(relid);
+			/* the topic first, while the table's writers need not wait */
+			if (*busy)
+				commit = kb_publisher_prepare_topic(pub, topic) &&
+					run_chunk(pub, status_slot, relid, boundary);
+		}
+		SPI_finish();
+		if (commit)
 			CommitTransactionCommand();
+		else
+		{
+			/* writers hold the table: let them, try after the next round */
+			AbortCurrentTransaction();
+			in_flight = list_truncate(in_flight, in_flight_before);
 		}
 	}
 	PG_CATCH();
@@ -711,20 +844,81 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
+		/* a chunk that did not commit is not waited for */
+		in_flight = list_truncate(in_flight, in_flight_before);
 		kb_status_set_error(status_slot, kb_status_slot(status_slot)->state,
 							"snapshot: %s", edata->message);
 		ereport(LOG,
 				(errmsg("kafka_bridge could not publish a snapshot chunk: %s", edata->message),
 				 edata->detail ? errdetail("%s", edata->detail) : 0,
-				 errhint("The chunk is tried again in a few seconds.")));
+				 errhint("It is tried again in a few seconds.")));
 		FreeErrorData(edata);
-		next_look = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
-		busy = false;
+		ok = false;
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
+	return ok;
+}
+
+/*
+ * The snapshot work of one turn of the publisher's loop: take note of the
+ * chunks Kafka acknowledged, then run the next chunk of a pending snapshot
+ * if decoding stands at a boundary (kb_publisher_boundary) and not too
+ * many chunks wait for acknowledgements.  Returns true while a snapshot
+ * remains to be done, so that the worker comes back without sleeping.
+ */
+bool
+kb_snapshot_step(KbPublisher *pub, int status_slot)
+{
+	static TimestampTz next_look = 0;
+	static bool busy = false;
+	XLogRecPtr	boundary;
+
+	if (snapshot_cxt == NULL)
+		kb_snapshot_forget();
+	if (need_reset)
+	{
+		if (!run_step(STEP_RESET, pub, status_slot, NULL, InvalidXLogRecPtr, &busy))
+			return false;
+		need_reset = false;
+	}
+
+	while (in_flight != NIL)
+	{
+		InFlight   *f = linitial(in_flight);
+
+		if (!kb_publisher_batch_acknowledged(f->batch))
+			break;
+		if (f->exhausted &&
+			!run_step(STEP_FINISH, pub, status_slot, f, InvalidXLogRecPtr, &busy))
+			break;
+		in_flight = list_delete_first(in_flight);
+		if (!f->exhausted && f->upto)
+		{
+			if (acked_upto)
+				pfree(DatumGetPointer(acked_upto));
+			acked_relid = f->relid;
+			acked_upto = f->upto;
+		}
+		else if (f->upto)
+			pfree(DatumGetPointer(f->upto));
+		pfree(f);
+	}
+	if (list_length(in_flight) >= KB_SNAPSHOT_MAX_IN_FLIGHT)
+		return true;
+
+	if (GetCurrentTimestamp() < next_look)
+		return in_flight != NIL;
+	boundary = kb_publisher_boundary(pub);
+	if (boundary == InvalidXLogRecPtr)
+		return busy || in_flight != NIL;
+	if (!run_step(STEP_CHUNK, pub, status_slot, NULL, boundary, &busy))
+	{
+		next_look = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
+		busy = false;
+	}
 	if (!busy)
 		next_look = Max(next_look, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_SNAPSHOT_LOOK_MS));
-	return busy;
+	return busy || in_flight != NIL;
 }

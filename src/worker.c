@@ -258,7 +258,10 @@ worker_loop(const char *dbname)
 
 		if (w.pub == NULL && w.client && w.have_extension &&
 			wal_level >= WAL_LEVEL_LOGICAL && now >= w.publish_retry_at)
+		{
 			w.pub = kb_publisher_start(my_slot, w.client);
+			kb_snapshot_forget();
+		}
 
 		snapshot_busy = false;
 		if (w.pub)

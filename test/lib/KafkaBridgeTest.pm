@@ -249,4 +249,32 @@ sub kb_applier
 		consumer_lag => $lag // 0, last_error => $error // '' };
 }
 
+
+# ---- Helpers of the snapshot tests (04*.pl): large topics, read fast ----
+
+push @EXPORT, qw(kafka_scan);
+
+# Every record of a topic, like kafka_records but without decoding JSON,
+# for topics of hundreds of thousands of records: a list of { partition,
+# offset, key, value (undef for a null value), headers => { name => value } }.
+# Keys, values and header values must hold no tab or newline (JSON does not).
+sub kafka_scan
+{
+	my ($topic) = @_;
+	my $bootstrap = kafka_bootstrap();
+	my @records;
+	open(my $kcat, '-|', 'kcat', '-C', '-b', $bootstrap, '-t', $topic, '-o', 'beginning', '-e', '-q',
+		'-Z', '-f', "%p\t%o\t%K\t%k\t%S\t%h\t%s\n") or die "cannot run kcat: $!";
+	while (my $line = <$kcat>)
+	{
+		chomp $line;
+		my ($p, $o, $klen, $key, $vlen, $h, $value) = split /\t/, $line, 7;
+		my %headers = map { split /=/, $_, 2 } grep { length } split /,/, ($h // '');
+		push @records, { partition => $p, offset => $o, key => $klen < 0 ? undef : $key,
+			value => $vlen < 0 ? undef : $value, headers => \%headers };
+	}
+	close $kcat;
+	return @records;
+}
+
 1;
