@@ -12,13 +12,21 @@
  *	1. locks the table in SHARE mode, with a short lock_timeout (on timeout
  *	   it gives up and tries again after the next round of decoding, so
  *	   writers never queue long behind it);
- *	2. reads the rows whose key is above snapshot_upto, in key order, at
+ *	2. reads the rows whose key is above snapshot_upto, in key order,
  *	   at most kafka_bridge.snapshot_chunk_rows of them and for at most
  *	   kafka_bridge.snapshot_chunk_time, and produces each as a PUT event
  *	   with the producer the stream uses;
- *	3. waits until the brokers acknowledged them all;
- *	4. moves snapshot_upto to the last key read (state "running", or
- *	   "done" once no row is left) and commits.
+ *	3. moves snapshot_upto to the last key read (state "running", or
+ *	   "finishing" once no row is left) and commits, which releases the
+ *	   lock.
+ *
+ * The chunk's acknowledgements are waited for afterwards, without the
+ * lock (at most KB_SNAPSHOT_MAX_IN_FLIGHT chunks wait at once):
+ * snapshot_acked follows the last key acknowledged, and the state becomes
+ * "done" once the last chunk is.  If the producer fails, records of the
+ * chunks in flight may be lost: when the publisher starts again,
+ * snapshot_upto goes back to snapshot_acked and those rows are read again
+ * (as they are then; the changes the stream published meanwhile are older).
  *
  * Why no row is missed or published twice at the hand-over: while the
  * snapshot is not done, the output plugin drops the PUT events whose key
@@ -648,6 +656,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	volatile bool locked = true;
 	TimestampTz locked_at;
 	InFlight   *f;
+	MemoryContext old;
 
 	(void) set_config_option("lock_timeout", KB_SNAPSHOT_LOCK_TIMEOUT, PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
@@ -716,7 +725,9 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 		memcpy(DatumGetPointer(f->upto), DatumGetPointer(upto), len);
 	}
 	f->exhausted = c.exhausted;
+	old = MemoryContextSwitchTo(snapshot_cxt);
 	in_flight = lappend(in_flight, f);	/* taken back if the commit fails */
+	MemoryContextSwitchTo(old);
 	report(status_slot, "snapshot of table \"%s\": %lld of about %lld rows",
 		   c.relname, (long long) (c.rows_before + c.rows),
 		   (long long) Max(c.estimate, c.rows_before + c.rows));
@@ -808,10 +819,15 @@ run_step(StepWork work, KbPublisher *pub, int status_slot, InFlight *f, XLogRecP
 
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
-		if (work == STEP_RESET)
-			reset_unacknowledged(status_slot);
-		else if (work == STEP_FINISH)
-			finish_snapshot(status_slot, f);
+		if (work != STEP_CHUNK)
+		{
+			PushActiveSnapshot(GetTransactionSnapshot());
+			if (work == STEP_RESET)
+				reset_unacknowledged(status_slot);
+			else
+				finish_snapshot(status_slot, f);
+			PopActiveSnapshot();
+		}
 		else
 		{
 			char	   *topic = NULL;
@@ -849,7 +865,7 @@ run_step(StepWork work, KbPublisher *pub, int status_slot, InFlight *f, XLogRecP
 		kb_status_set_error(status_slot, kb_status_slot(status_slot)->state,
 							"snapshot: %s", edata->message);
 		ereport(LOG,
-				(errmsg("kafka_bridge could not publish a snapshot chunk: %s", edata->message),
+				(errmsg("kafka_bridge could not go on with a snapshot: %s", edata->message),
 				 edata->detail ? errdetail("%s", edata->detail) : 0,
 				 errhint("It is tried again in a few seconds.")));
 		FreeErrorData(edata);

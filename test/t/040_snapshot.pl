@@ -19,7 +19,7 @@ use KafkaBridgeTest;
 
 my $topic = 'regress_snap_item';
 my $rows = 200_000;
-my $conf = "track_commit_timestamp = on\nkafka_bridge.topic_partitions = 3\nlog_min_messages = debug1\n";
+my $conf = "track_commit_timestamp = on\nkafka_bridge.topic_partitions = 3\n";
 
 my %node;
 for my $name (qw(A B C))
