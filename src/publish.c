@@ -670,6 +670,26 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/*
+ * The catalog row of rel's publication, found by the scan *scan (which the
+ * caller ends); an error with hint when rel is not published.
+ */
+static HeapTuple
+published_row(Relation catalog, Relation rel, ScanKeyData *key, SysScanDesc *scan,
+			  const char *hint)
+{
+	HeapTuple	tuple;
+
+	*scan = begin_scan_for(catalog, RelationGetRelid(rel), key);
+	tuple = systable_getnext(*scan);
+	if (!HeapTupleIsValid(tuple))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("table \"%s\" is not published", RelationGetRelationName(rel)),
+				 errhint("%s", hint)));
+	return tuple;
+}
+
 /* kafka_bridge.unpublish(tbl): stop publishing a table's changes. */
 Datum
 kafka_bridge_unpublish(PG_FUNCTION_ARGS)
@@ -681,13 +701,8 @@ kafka_bridge_unpublish(PG_FUNCTION_ARGS)
 	SysScanDesc scan;
 	HeapTuple	tuple;
 
-	scan = begin_scan_for(catalog, relid, &key);
-	tuple = systable_getnext(scan);
-	if (!HeapTupleIsValid(tuple))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("table \"%s\" is not published", RelationGetRelationName(rel)),
-				 errhint("The view kafka_bridge.published_tables lists the published tables.")));
+	tuple = published_row(catalog, rel, &key, &scan,
+						  "The view kafka_bridge.published_tables lists the published tables.");
 	CatalogTupleDelete(catalog, &tuple->t_self);
 	systable_endscan(scan);
 	table_close(catalog, NoLock);
@@ -717,13 +732,8 @@ kafka_bridge_snapshot(PG_FUNCTION_ARGS)
 	SysScanDesc scan;
 	HeapTuple	tuple;
 
-	scan = begin_scan_for(catalog, relid, &key);
-	tuple = systable_getnext(scan);
-	if (!HeapTupleIsValid(tuple))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("table \"%s\" is not published", RelationGetRelationName(rel)),
-				 errhint("Publish it with kafka_bridge.publish(), which publishes its rows first.")));
+	tuple = published_row(catalog, rel, &key, &scan,
+						  "Publish it with kafka_bridge.publish(), which publishes its rows first.");
 	set_snapshot_columns(values, nulls, replace, "pending", kb_estimate_rows(rel));
 	CatalogTupleUpdate(catalog, &tuple->t_self, heap_modify_tuple(tuple, desc, values, nulls, replace));
 	systable_endscan(scan);

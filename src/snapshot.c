@@ -772,6 +772,8 @@ finish_snapshot(int status_slot, InFlight *f)
 	Oid			types[1] = {OIDOID};
 	Datum		values[1] = {ObjectIdGetDatum(f->relid)};
 	bool		isnull;
+	char	   *table;
+	long long	rows;
 
 	if (SPI_execute_with_args("UPDATE kafka_bridge.publications SET snapshot_state = 'done', "
 							  "snapshot_acked = snapshot_upto, snapshot_done_at = pg_catalog.now() "
@@ -781,13 +783,11 @@ finish_snapshot(int status_slot, InFlight *f)
 		elog(ERROR, "updating kafka_bridge.publications failed");
 	if (SPI_processed != 1)
 		return;
-	report(status_slot, "snapshot of table \"%s\" done: %lld rows",
-		   SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
-		   (long long) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull)));
+	table = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	rows = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	report(status_slot, "snapshot of table \"%s\" done: %lld rows", table, rows);
 	ereport(LOG,
-			(errmsg("kafka_bridge published the snapshot of table %s: %lld rows",
-					SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
-					(long long) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull)))));
+			(errmsg("kafka_bridge published the snapshot of table %s: %lld rows", table, rows)));
 }
 
 /* What one transaction of kb_snapshot_step does. */

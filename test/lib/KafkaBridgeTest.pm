@@ -252,7 +252,29 @@ sub kb_applier
 
 # ---- Helpers of the snapshot tests (04*.pl): large topics, read fast ----
 
-push @EXPORT, qw(kafka_scan);
+push @EXPORT, qw(kafka_scan kb_converge);
+
+# Wait (up to two minutes) until two nodes hold the same rows in a table
+# (kb_md5); one test assertion, with both workers' status when it fails.
+sub kb_converge
+{
+	my ($x, $y, $table, $what) = @_;
+	my ($mx, $my) = ('', '');
+	for (my $i = 0; $i < 1200; $i++)
+	{
+		$mx = kb_md5($x, $table);
+		$my = kb_md5($y, $table);
+		return ok(1, $what) if $mx eq $my;
+		usleep(100_000);
+	}
+	diag("$mx vs $my");
+	for my $n ($x, $y)
+	{
+		diag($n->name . ': ' . $n->safe_psql('postgres', 'SELECT worker, state, activity, last_error FROM kafka_bridge.status'));
+		diag($n->name . ': ' . $n->safe_psql('postgres', 'SELECT * FROM kafka_bridge.subscription_status'));
+	}
+	return ok(0, $what);
+}
 
 # Every record of a topic, like kafka_records but without decoding JSON,
 # for topics of hundreds of thousands of records: a list of { partition,

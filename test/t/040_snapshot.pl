@@ -108,26 +108,7 @@ my ($transactions, $longest) = split /\|/, $a->safe_psql('postgres', 'SELECT tra
 note "writer: $transactions transactions, longest statement $longest ms";
 cmp_ok($longest, '<', 1000, "no write waited a second for the snapshot (longest $longest ms)");
 
-sub converge
-{
-	my ($x, $y, $what) = @_;
-	my ($mx, $my) = ('', '');
-	for (my $i = 0; $i < 1200; $i++)
-	{
-		$mx = kb_md5($x, 'item');
-		$my = kb_md5($y, 'item');
-		return ok(1, $what) if $mx eq $my;
-		usleep(100_000);
-	}
-	diag("$mx vs $my");
-	for my $n ($x, $y)
-	{
-		diag($n->name . ': ' . $n->safe_psql('postgres', 'SELECT worker, state, activity, last_error FROM kafka_bridge.status'));
-		diag($n->name . ': ' . $n->safe_psql('postgres', 'SELECT * FROM kafka_bridge.subscription_status'));
-	}
-	return ok(0, $what);
-}
-converge($a, $b, 'B holds the same rows as A (md5 of the rows in key order)');
+kb_converge($a, $b, 'item', 'B holds the same rows as A (md5 of the rows in key order)');
 
 # every record A published is acknowledged
 my $lsn = $a->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
@@ -196,7 +177,7 @@ for my $name (qw(A B))
 		END \$\$;
 	});
 }
-converge($a, $b, 'A and B converge after 10k changes');
+kb_converge($a, $b, 'item', 'A and B converge after 10k changes');
 
 # C: a table subscribed from the end gets only what comes after subscribe(),
 # even when C restarts before the first record
@@ -222,7 +203,7 @@ is($c->safe_psql('postgres', 'SELECT count(*) FROM item_late'), '5', 'C: nothing
 # then C rebuilds the table from the beginning of the topic
 $c->safe_psql('postgres', "SELECT kafka_bridge.unsubscribe('item_late')");
 $c->safe_psql('postgres', "SELECT kafka_bridge.subscribe('item', topic => '$topic')");
-converge($a, $c, 'C, subscribed from the beginning, holds the same rows as A');
+kb_converge($a, $c, 'item', 'C, subscribed from the beginning, holds the same rows as A');
 
 $_->stop for ($a, $b, $c);
 done_testing();

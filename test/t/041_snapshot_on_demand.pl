@@ -77,20 +77,7 @@ note "updater: $updates updates, the longest took $longest ms";
 cmp_ok($updates, '>', 500, 'the updater kept updating during the snapshot');
 cmp_ok($longest, '<', 1000, "no UPDATE was blocked a second (longest $longest ms)");
 
-sub converge
-{
-	my ($what) = @_;
-	my ($ma, $mb) = ('', '');
-	for (my $i = 0; $i < 1800; $i++)
-	{
-		$ma = kb_md5($a, 'item');
-		$mb = kb_md5($b, 'item');
-		return ok(1, $what) if $ma eq $mb;
-		usleep(100_000);
-	}
-	return ok(0, $what) || diag("A $ma, B $mb");
-}
-converge('B holds the same rows as A');
+kb_converge($a, $b, 'item', 'B holds the same rows as A');
 
 # the snapshot records published since, by row id
 sub snapshot_ids
@@ -125,7 +112,7 @@ ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.sna
 my @after = kafka_scan($topic);
 my %third = %{ snapshot_ids(\@after, scalar(@records)) };
 is(scalar(keys %third), $rows, 'the interrupted snapshot still published every row');
-converge('B still holds the same rows as A');
+kb_converge($a, $b, 'item', 'B still holds the same rows as A');
 
 $_->stop for ($a, $b);
 done_testing();
