@@ -238,5 +238,6 @@ extern bool kb_snapshot_filter_skips(KbSnapshotFilter *filter, Datum *values,
 									 bool *nulls);
 extern void kb_invalidate_publication(struct RelationData *rel);
 extern int64 kb_estimate_rows(struct RelationData *rel);
+extern char **kb_snapshot_key_strings(Datum key, int *n);
 
 #endif							/* KB_EVENT_CODEC_H */

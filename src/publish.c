@@ -182,16 +182,23 @@ read_snapshot_state(HeapTuple tuple, TupleDesc desc, KbPublication *pub)
 	pub->snapshot_active = strcmp(state, "pending") == 0 || strcmp(state, "running") == 0;
 	d = heap_getattr(tuple, Anum_kb_publications_snapshot_upto, desc, &isnull);
 	if (pub->snapshot_active && !isnull)
-	{
-		Datum	   *elems;
-		bool	   *elem_nulls;
+		pub->upto = kb_snapshot_key_strings(d, &pub->nupto);
+}
 
-		deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
-						  &elems, &elem_nulls, &pub->nupto);
-		pub->upto = palloc(sizeof(char *) * Max(pub->nupto, 1));
-		for (int i = 0; i < pub->nupto; i++)
-			pub->upto[i] = elem_nulls[i] ? NULL : TextDatumGetCString(elems[i]);
-	}
+/* A snapshot_upto value (text[]) as strings, NULL for a null element. */
+char	  **
+kb_snapshot_key_strings(Datum key, int *n)
+{
+	Datum	   *elems;
+	bool	   *elem_nulls;
+	char	  **strings;
+
+	deconstruct_array(DatumGetArrayTypeP(key), TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &elem_nulls, n);
+	strings = palloc(sizeof(char *) * Max(*n, 1));
+	for (int i = 0; i < *n; i++)
+		strings[i] = elem_nulls[i] ? NULL : TextDatumGetCString(elems[i]);
+	return strings;
 }
 
 /*

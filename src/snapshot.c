@@ -320,16 +320,7 @@ read_publication(Chunk *c, Oid relid)
 	c->format = kb_parse_format(SPI_getvalue(tup, desc, 3));
 	d = SPI_getbinval(tup, desc, 5, &isnull);
 	if (!isnull)
-	{
-		Datum	   *elems;
-		bool	   *elem_nulls;
-
-		deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
-						  &elems, &elem_nulls, &c->nupto);
-		c->upto = palloc(sizeof(char *) * Max(c->nupto, 1));
-		for (int i = 0; i < c->nupto; i++)
-			c->upto[i] = elem_nulls[i] ? NULL : TextDatumGetCString(elems[i]);
-	}
+		c->upto = kb_snapshot_key_strings(d, &c->nupto);
 	c->rows_before = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 	c->estimate = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
 	return true;
