@@ -990,6 +990,12 @@ kb_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	int			ntargets = 0;
 	MemoryContext old;
 
+	/*
+	 * Keyed {}, which no row has: compacted topics refuse records without a
+	 * key, and keep the latest TRUNCATE after the rows it removed.
+	 */
+	StringInfoData truncate_key = {.data = "{}",.len = 2,.maxlen = 3};
+
 	update_progress(ctx, data);
 	targets = MemoryContextAlloc(data->change_cxt, sizeof(KbRelEntry *) * nrelations);
 	for (int i = 0; i < nrelations; i++)
@@ -1008,7 +1014,7 @@ kb_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 		bool		last = (i == ntargets - 1);
 		bool		flat = entry->format == KB_FORMAT_FLAT;
 
-		record_begin(ctx, data, entry, KB_TRUNCATE, NULL, flat, last);
+		record_begin(ctx, data, entry, KB_TRUNCATE, &truncate_key, flat, last);
 		if (!flat)
 		{
 			envelope_begin(ctx->out, data, entry, KB_TRUNCATE);

@@ -173,7 +173,7 @@ extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 								  char *brokers, size_t brokers_size,
 								  char *error, size_t error_size);
 extern char *kb_kafka_settings_fingerprint(void);
-extern bool kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool row_topic,
+extern bool kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool compact,
 								  char *error, size_t error_size);
 extern bool kb_reload_settings(char **fingerprint);
 
@@ -197,7 +197,7 @@ extern void kb_publisher_delivery_report(rd_kafka_t *rk,
 typedef struct KbPublishBatch KbPublishBatch;
 
 extern XLogRecPtr kb_publisher_boundary(KbPublisher *pub);
-extern bool kb_publisher_prepare_topic(KbPublisher *pub, const char *topic);
+extern bool kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact);
 extern KbPublishBatch *kb_publisher_batch_new(KbPublisher *pub);
 extern void kb_publisher_produce_frame(KbPublisher *pub, struct StringInfoData *frame,
 									   KbPublishBatch *batch);

@@ -283,16 +283,16 @@ cleanup_policy_name(void)
 
 /*
  * Create a topic unless kafka_bridge.create_topics is off, with the
- * kafka_bridge.topic_* settings: a row topic with
- * kafka_bridge.topic_cleanup_policy, any other (the records of
- * kafka_bridge.send()) with the broker's cleanup policy.  A topic that
+ * kafka_bridge.topic_* settings: with compact (row events keyed by row)
+ * kafka_bridge.topic_cleanup_policy, else (flat records, the records of
+ * kafka_bridge.send()) the broker's cleanup policy.  A topic that
  * exists already is left as it is.  Returns false with *error when the
  * brokers refused or did not answer; brokers that do not know the request,
  * or do not let this client create topics, are not an error: the topic
  * may exist, and producing says so if not.
  */
 bool
-kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool row_topic,
+kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool compact,
 					  char *error, size_t error_size)
 {
 	char		errstr[512];
@@ -313,7 +313,7 @@ kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool row_topic,
 		snprintf(error, error_size, "cannot create topic \"%s\": %s", topic, errstr);
 		return false;
 	}
-	if (row_topic)
+	if (compact)
 		(void) rd_kafka_NewTopic_set_config(new_topic, "cleanup.policy", cleanup_policy_name());
 	options = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
 	(void) rd_kafka_AdminOptions_set_request_timeout(options, KB_CREATE_TOPIC_TIMEOUT_MS,
@@ -348,7 +348,7 @@ kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool row_topic,
 		ereport(LOG,
 				(errmsg("kafka_bridge created topic \"%s\" (partitions %d, replication factor %d, cleanup.policy %s)",
 						topic, kb_topic_partitions, kb_topic_replication_factor,
-						row_topic ? cleanup_policy_name() : "of the broker")));
+						compact ? cleanup_policy_name() : "of the broker")));
 	else if (err == RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED ||
 			 err == RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED ||
 			 err == RD_KAFKA_RESP_ERR_UNSUPPORTED_VERSION ||

@@ -136,12 +136,13 @@ prepare_write(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
 /*
  * The handle of a topic, kept for the publisher's life (the least recently
  * added one goes when there are too many).  The topic is created first if
- * it does not exist: a row topic, or the log of kafka_bridge.send()
- * records.  NULL when that failed (pub->failed says why).
+ * it does not exist: compacted for row events keyed by row, else (flat
+ * records, kafka_bridge.send() records) as an event log.  NULL when that
+ * failed (pub->failed says why).
  */
 static rd_kafka_topic_t *
 topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
-			 bool row_topic)
+			 bool compact)
 {
 	int			i;
 
@@ -158,7 +159,7 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 	memcpy(pub->topics[i].name, name, len);
 	pub->topics[i].name[len] = '\0';
 	pub->topics[i].len = len;
-	if (!kb_kafka_create_topic(rk, pub->topics[i].name, row_topic,
+	if (!kb_kafka_create_topic(rk, pub->topics[i].name, compact,
 							   pub->failure, sizeof(pub->failure)))
 	{
 		pub->failed = true;
@@ -208,8 +209,14 @@ produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
 	}
 	if (topic_len <= 0 || topic_len >= sizeof(pub->topics[0].name))
 		elog(ERROR, "kafka_bridge output plugin sent a topic name of %d bytes", topic_len);
-	/* after a failure the publisher starts over: produce nothing more */
-	rkt = pub->failed ? NULL : topic_handle(pub, rk, topic, topic_len, row_topic);
+	/*
+	 * After a failure the publisher starts over: produce nothing more.  A
+	 * topic is created compacted when its first record is a row event keyed
+	 * by the row (a JSON object): not for flat records, keyed by event type,
+	 * of which compaction would keep one per type.
+	 */
+	rkt = pub->failed ? NULL :
+		topic_handle(pub, rk, topic, topic_len, row_topic && key_len > 0 && key[0] == '{');
 	if (rkt == NULL)
 	{
 		if (headers)
@@ -598,11 +605,12 @@ kb_publisher_batch_acknowledged(KbPublishBatch *batch)
 /*
  * Make sure a topic exists and the producer knows its partitions, before a
  * snapshot chunk locks its table: creating a topic and learning its leaders
- * takes a while, during which the table's writers would wait.  False when
- * the topic could not be created (the publisher is then failed).
+ * takes a while, during which the table's writers would wait.  compact: a
+ * topic of row events keyed by row.  False when the topic could not be
+ * created (the publisher is then failed).
  */
 bool
-kb_publisher_prepare_topic(KbPublisher *pub, const char *topic)
+kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact)
 {
 	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
 	int			len = strlen(topic);
@@ -614,7 +622,7 @@ kb_publisher_prepare_topic(KbPublisher *pub, const char *topic)
 	for (int i = 0; i < pub->ntopics; i++)
 		if (pub->topics[i].len == len && memcmp(pub->topics[i].name, topic, len) == 0)
 			return true;
-	rkt = topic_handle(pub, rk, topic, len, true);
+	rkt = topic_handle(pub, rk, topic, len, compact);
 	if (rkt == NULL)
 		return false;
 	if (rd_kafka_metadata(rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR)

@@ -274,20 +274,21 @@ typedef struct Chunk
 
 /*
  * The oldest snapshot to run, or InvalidOid (in a transaction, SPI
- * connected); *topic is its topic.
+ * connected); *topic is its topic, *flat whether its format is flat.
  */
 static Oid
-next_snapshot(char **topic)
+next_snapshot(char **topic, bool *flat)
 {
 	bool		isnull;
 
-	if (SPI_execute("SELECT relid::pg_catalog.oid, topic FROM kafka_bridge.publications "
+	if (SPI_execute("SELECT relid::pg_catalog.oid, topic, format FROM kafka_bridge.publications "
 					"WHERE snapshot_state IN ('pending', 'running') "
 					"ORDER BY snapshot_started_at LIMIT 1", true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading kafka_bridge.publications failed");
 	if (SPI_processed == 0)
 		return InvalidOid;
 	*topic = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	*flat = strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3), "flat") == 0;
 	return DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
@@ -822,15 +823,16 @@ run_step(StepWork work, KbPublisher *pub, int status_slot, InFlight *f, XLogRecP
 		else
 		{
 			char	   *topic = NULL;
+			bool		flat = false;
 			Oid			relid;
 
 			PushActiveSnapshot(GetTransactionSnapshot());
-			relid = next_snapshot(&topic);
+			relid = next_snapshot(&topic, &flat);
 			PopActiveSnapshot();
 			*busy = OidIsValid(relid);
 			/* the topic first, while the table's writers need not wait */
 			if (*busy)
-				commit = kb_publisher_prepare_topic(pub, topic) &&
+				commit = kb_publisher_prepare_topic(pub, topic, !flat) &&
 					run_chunk(pub, status_slot, relid, boundary);
 		}
 		SPI_finish();
