@@ -202,6 +202,7 @@ extern KbPublishBatch *kb_publisher_batch_new(KbPublisher *pub);
 extern void kb_publisher_produce_frame(KbPublisher *pub, struct StringInfoData *frame,
 									   KbPublishBatch *batch);
 extern bool kb_publisher_batch_acknowledged(KbPublishBatch *batch);
+extern bool kb_publisher_failed(KbPublisher *pub);
 
 /* ---- snapshot.c ---- */
 

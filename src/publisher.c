@@ -595,6 +595,13 @@ kb_publisher_produce_frame(KbPublisher *pub, StringInfo frame, KbPublishBatch *b
 	produce_record(pub, frame, true, (PendingTxn *) batch);
 }
 
+/* Whether a delivery failed: the worker starts the publisher again. */
+bool
+kb_publisher_failed(KbPublisher *pub)
+{
+	return pub->failed;
+}
+
 /* Whether every record of batch is acknowledged. */
 bool
 kb_publisher_batch_acknowledged(KbPublishBatch *batch)

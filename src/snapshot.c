@@ -697,6 +697,12 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	pgstat_report_activity(STATE_RUNNING, psprintf("publishing a snapshot chunk of table \"%s\"",
 												   c.relname));
 	upto = key_array(&c, produce_chunk(pub, &c));
+	/* rows not produced must not count as read */
+	if (kb_publisher_failed(pub))
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("the snapshot chunk of table \"%s\" could not be produced", c.relname),
+				 errdetail("The publisher connects to Kafka again, then reads the rows again.")));
 	store_progress(&c, upto);
 	ereport(DEBUG1,
 			(errmsg_internal("kafka_bridge snapshot chunk of table \"%s\": %lld rows in %ld ms",
@@ -886,6 +892,9 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 
 	if (snapshot_cxt == NULL)
 		kb_snapshot_forget();
+	/* records may be lost: nothing counts as acknowledged until it restarts */
+	if (kb_publisher_failed(pub))
+		return false;
 	if (need_reset)
 	{
 		if (!run_step(STEP_RESET, pub, status_slot, NULL, InvalidXLogRecPtr, &busy))
