@@ -208,5 +208,6 @@ extern bool kb_publisher_failed(KbPublisher *pub);
 
 extern bool kb_snapshot_step(KbPublisher *pub, int status_slot);
 extern void kb_snapshot_forget(void);
+extern void kb_snapshot_wake(void);
 
 #endif							/* KAFKA_BRIDGE_H */

@@ -94,9 +94,13 @@
 /* how long a chunk waits for the lock */
 #define KB_SNAPSHOT_LOCK_TIMEOUT "100ms"
 /* how many chunks may wait for their acknowledgements at once */
-#define KB_SNAPSHOT_MAX_IN_FLIGHT 2
-/* how often the publisher looks for a snapshot to run when there is none */
+#define KB_SNAPSHOT_MAX_IN_FLIGHT 3
+/*
+ * how often the publisher looks for a snapshot to run when there is none;
+ * after a commit woke it, at most this often
+ */
 #define KB_SNAPSHOT_LOOK_MS 1000
+#define KB_SNAPSHOT_WOKEN_LOOK_MS 100
 /* the WAL record each chunk writes first (ignored by the output plugin) */
 #define KB_SNAPSHOT_MESSAGE_PREFIX "kafka_bridge.snapshot"
 
@@ -553,10 +557,18 @@ typedef struct InFlight
 static MemoryContext snapshot_cxt = NULL;
 static List *in_flight = NIL;	/* InFlight, oldest first, in snapshot_cxt */
 static bool need_reset = true;
+static bool woken = false;
 
 /* the last chunk acknowledged, not yet recorded in snapshot_acked */
 static Oid	acked_relid = InvalidOid;
 static Datum acked_upto = (Datum) 0;
+
+/* A commit woke the publisher: it may have asked for a snapshot. */
+void
+kb_snapshot_wake(void)
+{
+	woken = true;
+}
 
 /*
  * The publisher starts (again): the records of the chunks in flight may
@@ -887,8 +899,10 @@ bool
 kb_snapshot_step(KbPublisher *pub, int status_slot)
 {
 	static TimestampTz next_look = 0;
+	static TimestampTz last_look = 0;
 	static bool busy = false;
 	XLogRecPtr	boundary;
+	TimestampTz now;
 
 	if (snapshot_cxt == NULL)
 		kb_snapshot_forget();
@@ -926,11 +940,15 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 	if (list_length(in_flight) >= KB_SNAPSHOT_MAX_IN_FLIGHT)
 		return true;
 
-	if (GetCurrentTimestamp() < next_look)
+	now = GetCurrentTimestamp();
+	if (now < next_look &&
+		!(woken && now >= TimestampTzPlusMilliseconds(last_look, KB_SNAPSHOT_WOKEN_LOOK_MS)))
 		return in_flight != NIL;
 	boundary = kb_publisher_boundary(pub);
 	if (boundary == InvalidXLogRecPtr)
 		return busy || in_flight != NIL;
+	woken = false;
+	last_look = now;
 	if (!run_step(STEP_CHUNK, pub, status_slot, NULL, boundary, &busy))
 	{
 		next_look = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);

@@ -279,9 +279,11 @@ worker_loop(const char *dbname)
 			nap = 10;
 		else
 			nap = Min(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), w.next_probe), 1000L);
-		if (nap > 0)
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 nap, PG_WAIT_EXTENSION);
+		/* a commit woke us: maybe publish() or snapshot(), look soon */
+		if (nap > 0 &&
+			(WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					   nap, PG_WAIT_EXTENSION) & WL_LATCH_SET))
+			kb_snapshot_wake();
 		else if (!PostmasterIsAlive())
 			proc_exit(1);
 		ResetLatch(MyLatch);
