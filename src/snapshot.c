@@ -266,6 +266,7 @@ typedef struct Chunk
 	char	  **upto;
 	int64		rows_before;
 	int64		estimate;
+	TimestampTz started_at;		/* tells this snapshot from a later one */
 	/* the records */
 	char		lsn[32];
 	StringInfoData head;		/* the envelope up to the row */
@@ -309,7 +310,7 @@ read_publication(Chunk *c, Oid relid)
 	char	   *state;
 
 	if (SPI_execute_with_args("SELECT topic, event_prefix, format, snapshot_state, snapshot_upto, "
-							  "snapshot_rows, snapshot_estimate FROM kafka_bridge.publications "
+							  "snapshot_rows, snapshot_estimate, snapshot_started_at FROM kafka_bridge.publications "
 							  "WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1",
 							  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading kafka_bridge.publications failed");
@@ -328,6 +329,7 @@ read_publication(Chunk *c, Oid relid)
 		c->upto = kb_snapshot_key_strings(d, &c->nupto);
 	c->rows_before = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 	c->estimate = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
+	c->started_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 8, &isnull));
 	return true;
 }
 
@@ -552,6 +554,7 @@ typedef struct InFlight
 	KbPublishBatch *batch;
 	Datum		upto;			/* text[] in snapshot_cxt; 0 for none */
 	bool		exhausted;		/* the snapshot's last chunk */
+	TimestampTz started_at;		/* of its snapshot (snapshot() starts over) */
 } InFlight;
 
 static MemoryContext snapshot_cxt = NULL;
@@ -562,6 +565,7 @@ static bool woken = false;
 /* the last chunk acknowledged, not yet recorded in snapshot_acked */
 static Oid	acked_relid = InvalidOid;
 static Datum acked_upto = (Datum) 0;
+static TimestampTz acked_started_at = 0;
 
 /* A commit woke the publisher: it may have asked for a snapshot. */
 void
@@ -610,22 +614,26 @@ key_array(Chunk *c, char **upto)
 static void
 store_progress(Chunk *c, Datum upto)
 {
-	Oid			types[5] = {OIDOID, TEXTOID, TEXTARRAYOID, INT8OID, TEXTARRAYOID};
-	Datum		values[5];
-	char		nulls[5] = "     ";
+	Oid			types[6] = {OIDOID, TEXTOID, TEXTARRAYOID, INT8OID, TEXTARRAYOID, TIMESTAMPTZOID};
+	Datum		values[6];
+	char		nulls[6] = "      ";
 
 	values[0] = ObjectIdGetDatum(RelationGetRelid(c->rel));
 	values[1] = CStringGetTextDatum(c->exhausted ? "finishing" : "running");
 	values[2] = upto;
 	nulls[2] = upto == (Datum) 0 ? 'n' : ' ';
 	values[3] = Int64GetDatum(c->rows);
+	/* only a key acknowledged in this very snapshot, not in one before */
 	values[4] = acked_upto;
-	nulls[4] = acked_relid == RelationGetRelid(c->rel) ? ' ' : 'n';
+	nulls[4] = (acked_relid == RelationGetRelid(c->rel) && acked_started_at == c->started_at)
+		? ' ' : 'n';
+	values[5] = TimestampTzGetDatum(c->started_at);
 	if (SPI_execute_with_args("UPDATE kafka_bridge.publications SET snapshot_state = $2, snapshot_upto = $3, "
 							  "snapshot_rows = snapshot_rows OPERATOR(pg_catalog.+) $4, "
 							  "snapshot_acked = CASE WHEN $5 IS NULL THEN snapshot_acked ELSE $5 END "
-							  "WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1",
-							  5, types, values, nulls, false, 0) != SPI_OK_UPDATE)
+							  "WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1 "
+							  "AND snapshot_started_at OPERATOR(pg_catalog.=) $6",
+							  6, types, values, nulls, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "updating kafka_bridge.publications failed");
 	kb_invalidate_publication(c->rel);
 }
@@ -735,6 +743,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 		memcpy(DatumGetPointer(f->upto), DatumGetPointer(upto), len);
 	}
 	f->exhausted = c.exhausted;
+	f->started_at = c.started_at;
 	old = MemoryContextSwitchTo(snapshot_cxt);
 	in_flight = lappend(in_flight, f);	/* taken back if the commit fails */
 	MemoryContextSwitchTo(old);
@@ -779,8 +788,8 @@ reset_unacknowledged(int status_slot)
 static void
 finish_snapshot(int status_slot, InFlight *f)
 {
-	Oid			types[1] = {OIDOID};
-	Datum		values[1] = {ObjectIdGetDatum(f->relid)};
+	Oid			types[2] = {OIDOID, TIMESTAMPTZOID};
+	Datum		values[2] = {ObjectIdGetDatum(f->relid), TimestampTzGetDatum(f->started_at)};
 	bool		isnull;
 	char	   *table;
 	long long	rows;
@@ -788,8 +797,9 @@ finish_snapshot(int status_slot, InFlight *f)
 	if (SPI_execute_with_args("UPDATE kafka_bridge.publications SET snapshot_state = 'done', "
 							  "snapshot_acked = snapshot_upto, snapshot_done_at = pg_catalog.now() "
 							  "WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1 "
-							  "AND snapshot_state = 'finishing' RETURNING relid::pg_catalog.text, snapshot_rows",
-							  1, types, values, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+							  "AND snapshot_state = 'finishing' AND snapshot_started_at OPERATOR(pg_catalog.=) $2 "
+							  "RETURNING relid::pg_catalog.text, snapshot_rows",
+							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "updating kafka_bridge.publications failed");
 	if (SPI_processed != 1)
 		return;
@@ -932,6 +942,7 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 				pfree(DatumGetPointer(acked_upto));
 			acked_relid = f->relid;
 			acked_upto = f->upto;
+			acked_started_at = f->started_at;
 		}
 		else if (f->upto)
 			pfree(DatumGetPointer(f->upto));

@@ -84,8 +84,8 @@ $writer->query_until(qr/start/, "\\echo start\nCALL regress_writer(300);\n");
 usleep(300_000);
 
 $a->safe_psql('postgres', "SELECT kafka_bridge.publish('item', topic => '$topic')");
-is($a->safe_psql('postgres', "SELECT state FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
-	'pending', 'A: publish() of a table with rows starts a snapshot');
+like($a->safe_psql('postgres', "SELECT state FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	qr/^(pending|running|finishing)$/, 'A: publish() of a table with rows starts a snapshot');
 $b->safe_psql('postgres', "SELECT kafka_bridge.sync('item', topic => '$topic')");
 
 # progress shows in kafka_bridge.status while it runs, then it is done
