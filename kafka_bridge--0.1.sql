@@ -59,7 +59,22 @@ CREATE TABLE kafka_bridge.publications (
 	event_prefix text NOT NULL,
 	format text NOT NULL CHECK (format IN ('envelope', 'flat')),
 	tombstones boolean NOT NULL DEFAULT true,
-	created_at timestamptz NOT NULL DEFAULT now()
+	created_at timestamptz NOT NULL DEFAULT now(),
+	-- the snapshot of the rows already there (snapshot.c): 'pending' until
+	-- its first chunk, 'running', 'finishing' once every row is read (and
+	-- not yet acknowledged by Kafka), then 'done'; 'skipped' with snapshot
+	-- => false.  The output plugin holds back the PUT events of keys above
+	-- snapshot_upto while it is pending or running: the snapshot publishes
+	-- those rows.  snapshot_acked: the last key whose records Kafka
+	-- acknowledged, where a snapshot starts again after a failure.
+	snapshot_state text NOT NULL DEFAULT 'skipped'
+		CHECK (snapshot_state IN ('skipped', 'pending', 'running', 'finishing', 'done')),
+	snapshot_upto text[],
+	snapshot_rows bigint NOT NULL DEFAULT 0,
+	snapshot_estimate bigint NOT NULL DEFAULT 0,
+	snapshot_started_at timestamptz,
+	snapshot_done_at timestamptz,
+	snapshot_acked text[]
 ) WITH (user_catalog_table = true);
 
 COMMENT ON TABLE kafka_bridge.publications IS
@@ -72,13 +87,32 @@ CREATE FUNCTION kafka_bridge.publish(
 	topic text DEFAULT NULL,
 	event_prefix text DEFAULT NULL,
 	format text DEFAULT 'envelope',
-	tombstones boolean DEFAULT true)
+	tombstones boolean DEFAULT true,
+	snapshot boolean DEFAULT true)
 RETURNS void
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_publish';
 
-COMMENT ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean) IS
-'publish the row changes of a table to Kafka (topic defaults to the table name, event prefix to it in upper case); publishing again replaces the settings';
+COMMENT ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean, boolean) IS
+'publish the row changes of a table to Kafka (topic defaults to the table name, event prefix to it in upper case), and first its existing rows unless snapshot is false; publishing again replaces the settings';
+
+CREATE FUNCTION kafka_bridge.snapshot(tbl regclass)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'kafka_bridge_snapshot';
+
+COMMENT ON FUNCTION kafka_bridge.snapshot(regclass) IS
+'publish every row of a published table again, as PUT events, in chunks that the publisher runs; returns at once (progress in kafka_bridge.snapshots)';
+
+CREATE VIEW kafka_bridge.snapshots AS
+	SELECT relid AS table_name, topic, snapshot_state AS state,
+		   snapshot_rows AS rows_done, snapshot_estimate AS rows_estimated,
+		   snapshot_upto AS done_up_to_key, snapshot_started_at AS started_at,
+		   snapshot_done_at AS done_at
+	  FROM kafka_bridge.publications;
+
+COMMENT ON VIEW kafka_bridge.snapshots IS
+'per published table, the snapshot of its rows: state, rows published so far and estimated, the last key done';
 
 CREATE FUNCTION kafka_bridge.unpublish(tbl regclass)
 RETURNS void
@@ -109,7 +143,10 @@ CREATE EVENT TRIGGER kafka_bridge_forget_dropped_tables ON sql_drop
 -- administrator grants it to, and then only for tables they own.
 REVOKE ALL ON kafka_bridge.publications FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.published_tables FROM PUBLIC;
-REVOKE ALL ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.snapshot(regclass) FROM PUBLIC;
+REVOKE ALL ON kafka_bridge.snapshots FROM PUBLIC;
+GRANT SELECT ON kafka_bridge.snapshots TO pg_monitor;
 REVOKE ALL ON FUNCTION kafka_bridge.unpublish(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.forget_dropped_tables() FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.published_tables TO pg_monitor;
@@ -174,7 +211,11 @@ CREATE TABLE kafka_bridge.subscriptions (
 	apply_role regrole NOT NULL,
 	conflict_policy text NOT NULL DEFAULT 'last_write_wins'
 		CHECK (conflict_policy IN ('last_write_wins', 'keep_local', 'apply_remote', 'error')),
-	created_at timestamptz NOT NULL DEFAULT now()
+	created_at timestamptz NOT NULL DEFAULT now(),
+	-- where partitions without a stored offset start; 'end' is resolved by
+	-- subscribe() into kafka_bridge.apply_progress at once
+	start_position text NOT NULL DEFAULT 'beginning'
+		CHECK (start_position IN ('beginning', 'end'))
 );
 
 COMMENT ON TABLE kafka_bridge.subscriptions IS
@@ -299,13 +340,14 @@ CREATE FUNCTION kafka_bridge.subscribe(
 	format text DEFAULT 'envelope',
 	event_prefix text DEFAULT NULL,
 	apply_role regrole DEFAULT NULL,
-	conflict_policy text DEFAULT 'last_write_wins')
+	conflict_policy text DEFAULT 'last_write_wins',
+	start_position text DEFAULT 'beginning')
 RETURNS void
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_subscribe';
 
-COMMENT ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text) IS
-'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the caller), resolving conflicts by conflict_policy';
+COMMENT ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text, text) IS
+'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the caller), resolving conflicts by conflict_policy, from the beginning of the topic or (start_position => ''end'') from its current end';
 
 CREATE FUNCTION kafka_bridge.unsubscribe(tbl regclass)
 RETURNS void
@@ -320,12 +362,13 @@ CREATE FUNCTION kafka_bridge.sync(
 	topic text DEFAULT NULL,
 	format text DEFAULT 'envelope',
 	event_prefix text DEFAULT NULL,
-	conflict_policy text DEFAULT 'last_write_wins')
+	conflict_policy text DEFAULT 'last_write_wins',
+	start_position text DEFAULT 'beginning')
 RETURNS void
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_sync';
 
-COMMENT ON FUNCTION kafka_bridge.sync(regclass, text, text, text, text) IS
+COMMENT ON FUNCTION kafka_bridge.sync(regclass, text, text, text, text, text) IS
 'publish a table to a topic and apply that topic to it: keeps the table in sync with every instance doing the same';
 
 CREATE FUNCTION kafka_bridge.apply_event(
@@ -342,7 +385,8 @@ COMMENT ON FUNCTION kafka_bridge.apply_event(regclass, text, text, text, timesta
 'apply one event to a subscribed table as the applier does (e.g. a dead letter once its cause is fixed); the transaction commits with the event''s origin and commit time';
 
 CREATE VIEW kafka_bridge.subscribed_tables AS
-	SELECT relid AS table_name, topic, format, event_prefix, apply_role, conflict_policy, created_at
+	SELECT relid AS table_name, topic, format, event_prefix, apply_role, conflict_policy, created_at,
+		   start_position
 	  FROM kafka_bridge.subscriptions;
 
 COMMENT ON VIEW kafka_bridge.subscribed_tables IS
@@ -372,9 +416,9 @@ REVOKE ALL ON kafka_bridge.conflicts FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.record_tombstone() FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.subscribed_tables FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.subscription_status FROM PUBLIC;
-REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.unsubscribe(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.apply_event(regclass, text, text, text, timestamptz) FROM PUBLIC;
-REVOKE ALL ON FUNCTION kafka_bridge.sync(regclass, text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION kafka_bridge.sync(regclass, text, text, text, text, text) FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.subscribed_tables TO pg_monitor;
 GRANT SELECT ON kafka_bridge.subscription_status TO pg_monitor;

@@ -100,6 +100,33 @@ SELECT kafka_bridge.unpublish('regress_full');
 SELECT count(*) FROM kafka_bridge.published_tables WHERE table_name = 'regress_full'::regclass;
 ROLLBACK;
 
+-- Snapshots.  A new publication of a table with rows publishes them first
+-- (the publisher runs it; here no publisher runs, so it stays pending); an
+-- empty table has nothing to snapshot; snapshot => false skips it.
+CREATE TABLE regress_snap (id int PRIMARY KEY, v text);
+INSERT INTO regress_snap SELECT g, 'v' || g FROM generate_series(1, 100) g;
+ANALYZE regress_snap;
+CREATE TABLE regress_snap_empty (id int PRIMARY KEY);
+CREATE TABLE regress_snap_skip (id int PRIMARY KEY);
+INSERT INTO regress_snap_skip VALUES (1);
+SELECT kafka_bridge.publish('regress_snap');
+SELECT kafka_bridge.publish('regress_snap_empty');
+SELECT kafka_bridge.publish('regress_snap_skip', snapshot => false);
+SELECT table_name, state, rows_done, rows_estimated, done_up_to_key,
+       started_at IS NOT NULL AS started, done_at IS NOT NULL AS done
+  FROM kafka_bridge.snapshots WHERE table_name::text LIKE 'regress_snap%' ORDER BY 1::text;
+-- publishing again keeps the snapshot as it is
+SELECT kafka_bridge.publish('regress_snap_skip', topic => 'snap_skip');
+SELECT state FROM kafka_bridge.snapshots WHERE table_name = 'regress_snap_skip'::regclass;
+-- snapshot() starts one over, for published tables only
+SELECT kafka_bridge.snapshot('regress_snap_skip');
+SELECT state, rows_done, rows_estimated > 0 AS estimated, done_at IS NULL AS not_done
+  FROM kafka_bridge.snapshots WHERE table_name = 'regress_snap_skip'::regclass;
+SELECT kafka_bridge.snapshot('regress_keyless');
+SELECT kafka_bridge.snapshot('regress_view');
+SELECT kafka_bridge.snapshot(NULL);
+DROP TABLE regress_snap, regress_snap_empty, regress_snap_skip;
+
 -- Rights.  The functions are not for everyone; once granted, a role still
 -- publishes only the tables it owns.
 CREATE ROLE regress_kb_owner;
@@ -112,8 +139,8 @@ SELECT kafka_bridge.publish('regress_owned');
 SELECT * FROM kafka_bridge.published_tables;
 SELECT * FROM kafka_bridge.publications;
 RESET ROLE;
-GRANT EXECUTE ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean),
-                          kafka_bridge.unpublish(regclass)
+GRANT EXECUTE ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean, boolean),
+                          kafka_bridge.unpublish(regclass), kafka_bridge.snapshot(regclass)
    TO regress_kb_owner, regress_kb_other;
 SET ROLE regress_kb_owner;
 SELECT kafka_bridge.publish('regress_owned');
@@ -122,6 +149,7 @@ INSERT INTO kafka_bridge.publications VALUES ('regress_owned', 't', 'P', 'flat')
 SET ROLE regress_kb_other;
 SELECT kafka_bridge.publish('regress_owned', topic => 'stolen');
 SELECT kafka_bridge.unpublish('regress_owned');
+SELECT kafka_bridge.snapshot('regress_owned');
 SELECT kafka_bridge.publish('client');
 RESET ROLE;
 SELECT table_name, topic FROM kafka_bridge.published_tables

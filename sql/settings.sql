@@ -9,6 +9,12 @@ SELECT name, setting, context, unit
 ALTER SYSTEM SET kafka_bridge.bootstrap_server = 'localhost:9092';
 SET kafka_bridge.bogus = 1;
 
+-- topics kafka_bridge creates: counts are positive or -1, policies Kafka's
+ALTER SYSTEM SET kafka_bridge.topic_partitions = 0;
+ALTER SYSTEM SET kafka_bridge.topic_replication_factor = -2;
+ALTER SYSTEM SET kafka_bridge.topic_cleanup_policy = 'forever';
+ALTER SYSTEM SET kafka_bridge.snapshot_chunk_rows = 0;
+
 -- librdkafka judges the property lists: unknown property, bad value
 ALTER SYSTEM SET kafka_bridge.producer_options = 'no.such.property=1';
 ALTER SYSTEM SET kafka_bridge.producer_options = 'linger.ms=abc';

@@ -36,6 +36,15 @@ SELECT kafka_bridge.subscribe(NULL);
 SELECT kafka_bridge.subscribe('regress_sub_by_index', format => 'xml');
 SELECT kafka_bridge.subscribe('regress_sub_by_index', topic => 'no spaces');
 SELECT kafka_bridge.subscribe('regress_sub_by_index', event_prefix => '');
+-- where a new subscription starts: the beginning of the topic (default), or
+-- its end, read from the brokers at once (none here: refused, saying why)
+SELECT start_position FROM kafka_bridge.subscribed_tables WHERE table_name = 'regress_sub_client'::regclass;
+SELECT kafka_bridge.subscribe('regress_sub_client', start_position => 'middle');
+\set VERBOSITY terse
+SELECT kafka_bridge.subscribe('regress_sub_client', start_position => 'end');
+\set VERBOSITY default
+SELECT kafka_bridge.sync('regress_sub_client', start_position => 'latest');
+
 -- one table per topic
 SELECT kafka_bridge.subscribe('regress_sub_by_index', topic => 'clients-v2');
 CREATE ROLE regress_sub_other;
@@ -46,7 +55,7 @@ GRANT USAGE ON SCHEMA kafka_bridge TO regress_sub_user;
 SET ROLE regress_sub_user;
 SELECT kafka_bridge.subscribe('regress_sub_by_index');
 RESET ROLE;
-GRANT EXECUTE ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text) TO regress_sub_user;
+GRANT EXECUTE ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text, text) TO regress_sub_user;
 SET ROLE regress_sub_user;
 SELECT kafka_bridge.subscribe('regress_sub_by_index');
 SELECT * FROM kafka_bridge.dead_letters;
@@ -155,5 +164,5 @@ SELECT kafka_bridge.unpublish('regress_sync');
 DROP TABLE regress_sub_client, regress_sub_nokey, regress_sub_full, regress_sub_owned, regress_sync CASCADE;
 DROP ROLE regress_sub_other;
 REVOKE ALL ON SCHEMA kafka_bridge FROM regress_sub_user;
-REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text) FROM regress_sub_user;
+REVOKE ALL ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text, text) FROM regress_sub_user;
 DROP ROLE regress_sub_user;

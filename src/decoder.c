@@ -32,6 +32,7 @@
  *			int32 value length or -1 for a null value (tombstone), value bytes
  *			int16 header count, then per header: int16 name length, name
  *			bytes, int32 value length, value bytes
+ *	send	byte 'S', then as a record: a record of kafka_bridge.send()
  *	commit	byte 'C'
  *			int64 end LSN of the commit record (confirm the slot up to here
  *			once Kafka has acknowledged every record before it)
@@ -158,6 +159,7 @@ typedef struct KbRelEntry
 	char	   *event[KB_NUM_EVENTS];
 	char	   *event_json[KB_NUM_EVENTS];
 	KbRowShape *shape;
+	KbSnapshotFilter *snapshot; /* while a snapshot of the table runs */
 } KbRelEntry;
 
 /*
@@ -402,7 +404,7 @@ build_entry(KbDecodingData *data, KbRelEntry *entry, Relation relation)
 {
 	Oid			relid = RelationGetRelid(relation);
 	Oid			own_schema;
-	KbPublication pub;
+	KbPublication pub = {0};
 	bool		found;
 	Relation	target;
 	Bitmapset  *key_columns = NULL;
@@ -417,6 +419,7 @@ build_entry(KbDecodingData *data, KbRelEntry *entry, Relation relation)
 	entry->target_relid = relid;
 	entry->map = NULL;
 	entry->target_desc = NULL;
+	entry->snapshot = NULL;
 
 	/*
 	 * Valid from now on: an invalidation that arrives while this runs (catalog
@@ -496,6 +499,7 @@ build_entry(KbDecodingData *data, KbRelEntry *entry, Relation relation)
 		key_columns = index_key_columns(RelationGetReplicaIndex(target));
 	entry->shape = kb_row_shape_create(RelationGetDescr(target), key_columns,
 									   all_key, entry->cxt);
+	entry->snapshot = kb_snapshot_filter_create(target, &pub);
 
 	entry->format = pub.format;
 	entry->tombstones = pub.tombstones && pub.format == KB_FORMAT_ENVELOPE;
@@ -744,6 +748,10 @@ emit_put(LogicalDecodingContext *ctx, KbDecodingData *data, KbRelEntry *entry,
 		 StringInfo key, Datum *values, bool *nulls)
 {
 	StringInfo	out = ctx->out;
+
+	/* a row the running snapshot has not reached yet: it will publish it */
+	if (entry->snapshot && kb_snapshot_filter_skips(entry->snapshot, values, nulls))
+		return;
 
 	record_begin(ctx, data, entry, KB_PUT, key, false, true);
 	if (entry->format == KB_FORMAT_ENVELOPE)
@@ -1000,6 +1008,12 @@ kb_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	int			ntargets = 0;
 	MemoryContext old;
 
+	/*
+	 * Keyed {}, which no row has: compacted topics refuse records without a
+	 * key, and keep the latest TRUNCATE after the rows it removed.
+	 */
+	StringInfoData truncate_key = {.data = "{}",.len = 2,.maxlen = 3};
+
 	update_progress(ctx, data);
 	targets = MemoryContextAlloc(data->change_cxt, sizeof(KbRelEntry *) * nrelations);
 	for (int i = 0; i < nrelations; i++)
@@ -1018,7 +1032,7 @@ kb_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 		bool		last = (i == ntargets - 1);
 		bool		flat = entry->format == KB_FORMAT_FLAT;
 
-		record_begin(ctx, data, entry, KB_TRUNCATE, NULL, flat, last);
+		record_begin(ctx, data, entry, KB_TRUNCATE, &truncate_key, flat, last);
 		if (!flat)
 		{
 			envelope_begin(ctx->out, data, entry, KB_TRUNCATE);
@@ -1051,7 +1065,7 @@ kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	if (data->output == KB_OUTPUT_KAFKA)
 	{
 		/* the message is a record frame but for its first byte */
-		pq_sendbyte(out, KB_FRAME_RECORD);
+		pq_sendbyte(out, KB_FRAME_SEND_RECORD);
 		pq_sendbytes(out, message + 1, message_size - 1);
 		OutputPluginWrite(ctx, true);
 		data->txn_has_records = true;

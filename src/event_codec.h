@@ -46,6 +46,13 @@
 #define KB_FRAME_RECORD		'R'
 #define KB_FRAME_COMMIT		'C'
 
+/*
+ * A record of kafka_bridge.send(): a record frame but for its tag, so that
+ * the publisher creates a missing topic as an event log (never compacted)
+ * rather than as a row topic.
+ */
+#define KB_FRAME_SEND_RECORD	'S'
+
 /* Record header names. */
 #define KB_HEADER_EVENT		"event"
 #define KB_HEADER_ORIGIN	"origin"
@@ -137,7 +144,14 @@ extern int	kb_append_row(StringInfo buf, KbRowShape *shape, Datum *values,
 #define Anum_kb_publications_format			4
 #define Anum_kb_publications_tombstones		5
 #define Anum_kb_publications_created_at		6
-#define Natts_kb_publications				6
+#define Anum_kb_publications_snapshot_state	7
+#define Anum_kb_publications_snapshot_upto	8
+#define Anum_kb_publications_snapshot_rows	9
+#define Anum_kb_publications_snapshot_estimate	10
+#define Anum_kb_publications_snapshot_started_at	11
+#define Anum_kb_publications_snapshot_done_at	12
+#define Anum_kb_publications_snapshot_acked	13
+#define Natts_kb_publications				13
 
 #define KB_SCHEMA_NAME			"kafka_bridge"
 #define KB_PUBLICATIONS_NAME	"publications"
@@ -155,6 +169,10 @@ typedef struct KbPublication
 	char	   *event_prefix;
 	KbEventFormat format;
 	bool		tombstones;
+	/* a snapshot is pending or running: PUTs of keys above upto wait for it */
+	bool		snapshot_active;
+	int			nupto;			/* 0: no chunk done yet */
+	char	  **upto;			/* the last key done, column by column, as text */
 } KbPublication;
 
 extern bool kb_lookup_publication(Oid relid, KbPublication *pub);
@@ -205,5 +223,22 @@ extern int	kb_collect_headers(Jsonb *headers, KbHeader **result,
 
 extern char *kb_default_topic(const char *relname);
 extern char *kb_default_event_prefix(const char *relname);
+
+/*
+ * ---- Snapshots of published tables (snapshot.c) ----
+ *
+ * While a table's snapshot runs, the output plugin drops the PUT events of
+ * keys the snapshot has not reached yet, as of the change's historic
+ * catalog snapshot: the snapshot chunk that reaches them publishes the row.
+ */
+typedef struct KbSnapshotFilter KbSnapshotFilter;
+
+extern KbSnapshotFilter *kb_snapshot_filter_create(struct RelationData *target,
+												   const KbPublication *pub);
+extern bool kb_snapshot_filter_skips(KbSnapshotFilter *filter, Datum *values,
+									 bool *nulls);
+extern void kb_invalidate_publication(struct RelationData *rel);
+extern int64 kb_estimate_rows(struct RelationData *rel);
+extern char **kb_snapshot_key_strings(Datum key, int *n);
 
 #endif							/* KB_EVENT_CODEC_H */

@@ -15,6 +15,7 @@
 
 #include "postgres.h"
 
+#include "access/xlogdefs.h"
 #include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
 #include "port/atomics.h"
@@ -45,6 +46,20 @@ extern int	kb_max_event_size;	/* kB */
 extern int	kb_apply_batch_size;
 extern int	kb_tombstone_retention;
 extern int	kb_conflict_retention;
+extern bool kb_create_topics;
+extern int	kb_topic_partitions;
+extern int	kb_topic_replication_factor;
+extern int	kb_topic_cleanup_policy;
+extern int	kb_snapshot_chunk_rows;
+extern int	kb_snapshot_chunk_time;	/* ms */
+
+/* kafka_bridge.topic_cleanup_policy */
+typedef enum KbCleanupPolicy
+{
+	KB_CLEANUP_COMPACT,
+	KB_CLEANUP_DELETE,
+	KB_CLEANUP_COMPACT_DELETE
+} KbCleanupPolicy;
 
 /* true when loaded through shared_preload_libraries (workers and shmem exist) */
 extern bool kb_preloaded;
@@ -165,6 +180,8 @@ extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 								  char *brokers, size_t brokers_size,
 								  char *error, size_t error_size);
 extern char *kb_kafka_settings_fingerprint(void);
+extern bool kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool compact,
+								  char *error, size_t error_size);
 extern bool kb_reload_settings(char **fingerprint);
 
 /* ---- publisher.c ---- */
@@ -182,5 +199,22 @@ extern bool kb_publisher_pending(KbPublisher *pub);
 extern void kb_publisher_delivery_report(rd_kafka_t *rk,
 										 const rd_kafka_message_t *msg,
 										 void *opaque);
+
+/* Records produced outside the stream of transactions: snapshot chunks. */
+typedef struct KbPublishBatch KbPublishBatch;
+
+extern XLogRecPtr kb_publisher_boundary(KbPublisher *pub);
+extern bool kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact);
+extern KbPublishBatch *kb_publisher_batch_new(KbPublisher *pub);
+extern void kb_publisher_produce_frame(KbPublisher *pub, struct StringInfoData *frame,
+									   KbPublishBatch *batch);
+extern bool kb_publisher_batch_acknowledged(KbPublishBatch *batch);
+extern bool kb_publisher_failed(KbPublisher *pub);
+
+/* ---- snapshot.c ---- */
+
+extern bool kb_snapshot_step(KbPublisher *pub, int status_slot);
+extern void kb_snapshot_forget(void);
+extern void kb_snapshot_wake(void);
 
 #endif							/* KAFKA_BRIDGE_H */

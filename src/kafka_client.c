@@ -271,3 +271,113 @@ kb_reload_settings(char **fingerprint)
 	pfree(now_fp);
 	return changed;
 }
+
+/* longest wait for the brokers to create a topic */
+#define KB_CREATE_TOPIC_TIMEOUT_MS 10000
+
+static const char *
+cleanup_policy_name(void)
+{
+	switch ((KbCleanupPolicy) kb_topic_cleanup_policy)
+	{
+		case KB_CLEANUP_COMPACT:
+			return "compact";
+		case KB_CLEANUP_DELETE:
+			return "delete";
+		case KB_CLEANUP_COMPACT_DELETE:
+			return "compact,delete";
+	}
+	return "compact";
+}
+
+/*
+ * Create a topic unless kafka_bridge.create_topics is off, with the
+ * kafka_bridge.topic_* settings: with compact (row events keyed by row)
+ * kafka_bridge.topic_cleanup_policy, else (flat records, the records of
+ * kafka_bridge.send()) the broker's cleanup policy.  A topic that
+ * exists already is left as it is.  Returns false with *error when the
+ * brokers refused or did not answer; brokers that do not know the request,
+ * or do not let this client create topics, are not an error: the topic
+ * may exist, and producing says so if not.
+ */
+bool
+kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool compact,
+					  char *error, size_t error_size)
+{
+	char		errstr[512];
+	rd_kafka_NewTopic_t *new_topic;
+	rd_kafka_AdminOptions_t *options;
+	rd_kafka_queue_t *queue;
+	rd_kafka_event_t *event;
+	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+	const char *reason = NULL;
+	bool		ok;
+
+	if (!kb_create_topics)
+		return true;
+	new_topic = rd_kafka_NewTopic_new(topic, kb_topic_partitions, kb_topic_replication_factor,
+									  errstr, sizeof(errstr));
+	if (new_topic == NULL)
+	{
+		snprintf(error, error_size, "cannot create topic \"%s\": %s", topic, errstr);
+		return false;
+	}
+	if (compact)
+		(void) rd_kafka_NewTopic_set_config(new_topic, "cleanup.policy", cleanup_policy_name());
+	options = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+	(void) rd_kafka_AdminOptions_set_request_timeout(options, KB_CREATE_TOPIC_TIMEOUT_MS,
+													 errstr, sizeof(errstr));
+	(void) rd_kafka_AdminOptions_set_operation_timeout(options, KB_CREATE_TOPIC_TIMEOUT_MS,
+													   errstr, sizeof(errstr));
+	queue = rd_kafka_queue_new(rk);
+	rd_kafka_CreateTopics(rk, &new_topic, 1, options, queue);
+	event = rd_kafka_queue_poll(queue, KB_CREATE_TOPIC_TIMEOUT_MS + 1000);
+	if (event == NULL)
+		err = RD_KAFKA_RESP_ERR__TIMED_OUT;
+	else if (rd_kafka_event_error(event))
+	{
+		err = rd_kafka_event_error(event);
+		reason = rd_kafka_event_error_string(event);
+	}
+	else
+	{
+		const rd_kafka_CreateTopics_result_t *result = rd_kafka_event_CreateTopics_result(event);
+		size_t		n;
+		const rd_kafka_topic_result_t **topics = rd_kafka_CreateTopics_result_topics(result, &n);
+
+		if (n == 1)
+		{
+			err = rd_kafka_topic_result_error(topics[0]);
+			reason = rd_kafka_topic_result_error_string(topics[0]);
+		}
+	}
+
+	ok = true;
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		ereport(LOG,
+				(errmsg("kafka_bridge created topic \"%s\" (partitions %d, replication factor %d, cleanup.policy %s)",
+						topic, kb_topic_partitions, kb_topic_replication_factor,
+						compact ? cleanup_policy_name() : "of the broker")));
+	else if (err == RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED ||
+			 err == RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED ||
+			 err == RD_KAFKA_RESP_ERR_UNSUPPORTED_VERSION ||
+			 err == RD_KAFKA_RESP_ERR__UNSUPPORTED_FEATURE)
+		ereport(LOG,
+				(errmsg("kafka_bridge could not create topic \"%s\": %s", topic,
+						reason ? reason : rd_kafka_err2str(err)),
+				 errhint("Create the topic yourself, or set kafka_bridge.create_topics = off.")));
+	else if (err != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS)
+	{
+		snprintf(error, error_size,
+				 "cannot create topic \"%s\" (kafka_bridge.topic_partitions = %d, kafka_bridge.topic_replication_factor = %d): %s",
+				 topic, kb_topic_partitions, kb_topic_replication_factor,
+				 reason && reason[0] ? reason : rd_kafka_err2str(err));
+		ok = false;
+	}
+	if (event)
+		rd_kafka_event_destroy(event);
+	rd_kafka_queue_destroy(queue);
+	rd_kafka_AdminOptions_destroy(options);
+	rd_kafka_NewTopic_destroy(new_topic);
+	return ok;
+}

@@ -23,6 +23,7 @@
 #include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/catalog.h"
@@ -32,10 +33,15 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_collation.h"
 #include "catalog/pg_inherits.h"
+#include "catalog/pg_type.h"
 #include "commands/event_trigger.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "executor/tuptable.h"
+#include "optimizer/plancat.h"
+#include "storage/lmgr.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/formatting.h"
@@ -61,6 +67,7 @@
 
 PG_FUNCTION_INFO_V1(kafka_bridge_publish);
 PG_FUNCTION_INFO_V1(kafka_bridge_unpublish);
+PG_FUNCTION_INFO_V1(kafka_bridge_snapshot);
 PG_FUNCTION_INFO_V1(kafka_bridge_forget_dropped_tables);
 
 /* The topic a table is published to when none is given: its name. */
@@ -157,6 +164,43 @@ begin_scan_for(Relation catalog, Oid relid, ScanKeyData *key)
 							  use_index, NULL, 1, key);
 }
 
+/* The snapshot columns of a publication's catalog row. */
+static void
+read_snapshot_state(HeapTuple tuple, TupleDesc desc, KbPublication *pub)
+{
+	bool		isnull;
+	Datum		d;
+	char	   *state;
+
+	pub->snapshot_active = false;
+	pub->nupto = 0;
+	pub->upto = NULL;
+	d = heap_getattr(tuple, Anum_kb_publications_snapshot_state, desc, &isnull);
+	if (isnull)
+		return;
+	state = TextDatumGetCString(d);
+	pub->snapshot_active = strcmp(state, "pending") == 0 || strcmp(state, "running") == 0;
+	d = heap_getattr(tuple, Anum_kb_publications_snapshot_upto, desc, &isnull);
+	if (pub->snapshot_active && !isnull)
+		pub->upto = kb_snapshot_key_strings(d, &pub->nupto);
+}
+
+/* A snapshot_upto value (text[]) as strings, NULL for a null element. */
+char	  **
+kb_snapshot_key_strings(Datum key, int *n)
+{
+	Datum	   *elems;
+	bool	   *elem_nulls;
+	char	  **strings;
+
+	deconstruct_array(DatumGetArrayTypeP(key), TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &elem_nulls, n);
+	strings = palloc(sizeof(char *) * Max(*n, 1));
+	for (int i = 0; i < *n; i++)
+		strings[i] = elem_nulls[i] ? NULL : TextDatumGetCString(elems[i]);
+	return strings;
+}
+
 /*
  * Read the publication of relid into *pub (strings palloc'd in the current
  * memory context).  Returns false when the table is not published.
@@ -201,6 +245,7 @@ kb_lookup_publication(Oid relid, KbPublication *pub)
 							relid, KB_SCHEMA_NAME, KB_PUBLICATIONS_NAME),
 					 errhint("Publish the table again with kafka_bridge.publish().")));
 		pub->format = strcmp(format, "flat") == 0 ? KB_FORMAT_FLAT : KB_FORMAT_ENVELOPE;
+		read_snapshot_state(tuple, desc, pub);
 		found = true;
 	}
 	systable_endscan(scan);
@@ -368,8 +413,8 @@ check_publishable(Relation rel)
  * to come, that the publication of rel changed.  For a partitioned table
  * this covers every partition, whose changes are the ones decoded.
  */
-static void
-invalidate_publication(Relation rel)
+void
+kb_invalidate_publication(Relation rel)
 {
 	Oid			relid = RelationGetRelid(rel);
 
@@ -387,10 +432,123 @@ invalidate_publication(Relation rel)
 	CommandCounterIncrement();
 }
 
-/* Insert or update the publication of relid. */
+/*
+ * The snapshot columns of a publication starting in state (or, when
+ * estimate is negative, left as they are by heap_modify_tuple).
+ */
+static void
+set_snapshot_columns(Datum *values, bool *nulls, bool *replace,
+					 const char *state, int64 estimate)
+{
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	bool		done = strcmp(state, "done") == 0;
+
+	values[Anum_kb_publications_snapshot_state - 1] = CStringGetTextDatum(state);
+	nulls[Anum_kb_publications_snapshot_upto - 1] = true;
+	values[Anum_kb_publications_snapshot_rows - 1] = Int64GetDatum(0);
+	values[Anum_kb_publications_snapshot_estimate - 1] = Int64GetDatum(Max(estimate, 0));
+	values[Anum_kb_publications_snapshot_started_at - 1] = TimestampTzGetDatum(now);
+	nulls[Anum_kb_publications_snapshot_started_at - 1] = strcmp(state, "skipped") == 0;
+	values[Anum_kb_publications_snapshot_done_at - 1] = TimestampTzGetDatum(now);
+	nulls[Anum_kb_publications_snapshot_done_at - 1] = !done;
+	nulls[Anum_kb_publications_snapshot_acked - 1] = true;
+	for (int i = Anum_kb_publications_snapshot_state; i <= Natts_kb_publications; i++)
+		replace[i - 1] = true;
+}
+
+/*
+ * How many rows the table holds, about (the planner's estimate, summed
+ * over the partitions): what kafka_bridge.snapshots shows the progress
+ * against.
+ */
+int64
+kb_estimate_rows(Relation rel)
+{
+	List	   *relids = find_all_inheritors(RelationGetRelid(rel), AccessShareLock, NULL);
+	ListCell   *lc;
+	double		total = 0;
+
+	foreach(lc, relids)
+	{
+		Relation	leaf = relation_open(lfirst_oid(lc), NoLock);
+
+		if (leaf->rd_rel->relkind == RELKIND_RELATION)
+		{
+			BlockNumber pages;
+			double		tuples;
+			double		allvisfrac;
+
+			estimate_rel_size(leaf, NULL, &pages, &tuples, &allvisfrac);
+			total += Max(tuples, 0);
+		}
+		relation_close(leaf, NoLock);
+	}
+	return (int64) total;
+}
+
+/*
+ * Whether the table (every partition of it) holds no row.  The caller
+ * holds a SHARE lock on all of them, so no writer can commit rows between
+ * this look and the end of the caller's transaction.
+ */
+static bool
+table_is_empty(Relation rel)
+{
+	List	   *relids = find_all_inheritors(RelationGetRelid(rel), ShareLock, NULL);
+	ListCell   *lc;
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	bool		empty = true;
+
+	foreach(lc, relids)
+	{
+		Relation	leaf = relation_open(lfirst_oid(lc), NoLock);
+
+		if (leaf->rd_rel->relkind == RELKIND_RELATION)
+		{
+			TableScanDesc scan = table_beginscan(leaf, snapshot, 0, NULL);
+			TupleTableSlot *slot = table_slot_create(leaf, NULL);
+
+			empty = !table_scan_getnextslot(scan, ForwardScanDirection, slot);
+			ExecDropSingleTupleTableSlot(slot);
+			table_endscan(scan);
+		}
+		relation_close(leaf, NoLock);
+		if (!empty)
+			break;
+	}
+	UnregisterSnapshot(snapshot);
+	return empty;
+}
+
+/*
+ * The snapshot state a new publication of rel starts in: "skipped" when
+ * not wanted, "done" for an empty table (nothing to publish, and the
+ * stream publishes everything from the start), else "pending".  The SHARE
+ * lock taken to look waits for the transactions writing the table and
+ * holds new ones until publish() commits: a row committed after the look
+ * is committed after the publication, and the stream publishes it.
+ */
+static const char *
+initial_snapshot_state(Relation rel, bool wanted, int64 *estimate)
+{
+	*estimate = 0;
+	if (!wanted)
+		return "skipped";
+	LockRelationOid(RelationGetRelid(rel), ShareLock);
+	if (table_is_empty(rel))
+		return "done";
+	*estimate = kb_estimate_rows(rel);
+	return "pending";
+}
+
+/*
+ * Insert or update the publication of relid.  A new one starts with
+ * snapshot_state; an existing one keeps its snapshot as it is.
+ */
 static void
 store_publication(Oid relid, const char *topic, const char *prefix,
-				  KbEventFormat format, bool tombstones)
+				  KbEventFormat format, bool tombstones,
+				  const char *snapshot_state, int64 estimate)
 {
 	Relation	catalog = open_publications_or_error(RowExclusiveLock);
 	TupleDesc	desc = RelationGetDescr(catalog);
@@ -427,6 +585,7 @@ store_publication(Oid relid, const char *topic, const char *prefix,
 	}
 	else
 	{
+		set_snapshot_columns(values, nulls, replace, snapshot_state, estimate);
 		tuple = heap_form_tuple(desc, values, nulls);
 		CatalogTupleInsert(catalog, tuple);
 	}
@@ -449,6 +608,10 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 	char	   *prefix;
 	KbEventFormat format;
 	bool		tombstones;
+	bool		snapshot;
+	KbPublication existing;
+	const char *snapshot_state = "skipped";
+	int64		estimate = 0;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -458,6 +621,7 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 	format = kb_parse_format(PG_ARGISNULL(3) ? "envelope" :
 						  text_to_cstring(PG_GETARG_TEXT_PP(3)));
 	tombstones = PG_ARGISNULL(4) ? true : PG_GETARG_BOOL(4);
+	snapshot = (PG_NARGS() <= 5 || PG_ARGISNULL(5)) ? true : PG_GETARG_BOOL(5);
 
 	rel = kb_open_owned_table(relid);
 	check_publishable(rel);
@@ -504,10 +668,33 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 					 errhint("List the database in kafka_bridge.databases, and wait until kafka_bridge.status shows its worker.")));
 	}
 
-	store_publication(relid, topic, prefix, format, tombstones);
-	invalidate_publication(rel);
+	/* the rows already there, for a new publication (see snapshot.c) */
+	if (!kb_lookup_publication(relid, &existing))
+		snapshot_state = initial_snapshot_state(rel, snapshot, &estimate);
+	store_publication(relid, topic, prefix, format, tombstones, snapshot_state, estimate);
+	kb_invalidate_publication(rel);
 	relation_close(rel, NoLock);
 	PG_RETURN_VOID();
+}
+
+/*
+ * The catalog row of rel's publication, found by the scan *scan (which the
+ * caller ends); an error with hint when rel is not published.
+ */
+static HeapTuple
+published_row(Relation catalog, Relation rel, ScanKeyData *key, SysScanDesc *scan,
+			  const char *hint)
+{
+	HeapTuple	tuple;
+
+	*scan = begin_scan_for(catalog, RelationGetRelid(rel), key);
+	tuple = systable_getnext(*scan);
+	if (!HeapTupleIsValid(tuple))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("table \"%s\" is not published", RelationGetRelationName(rel)),
+				 errhint("%s", hint)));
+	return tuple;
 }
 
 /* kafka_bridge.unpublish(tbl): stop publishing a table's changes. */
@@ -521,18 +708,45 @@ kafka_bridge_unpublish(PG_FUNCTION_ARGS)
 	SysScanDesc scan;
 	HeapTuple	tuple;
 
-	scan = begin_scan_for(catalog, relid, &key);
-	tuple = systable_getnext(scan);
-	if (!HeapTupleIsValid(tuple))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("table \"%s\" is not published", RelationGetRelationName(rel)),
-				 errhint("The view kafka_bridge.published_tables lists the published tables.")));
+	tuple = published_row(catalog, rel, &key, &scan,
+						  "The view kafka_bridge.published_tables lists the published tables.");
 	CatalogTupleDelete(catalog, &tuple->t_self);
 	systable_endscan(scan);
 	table_close(catalog, NoLock);
 
-	invalidate_publication(rel);
+	kb_invalidate_publication(rel);
+	relation_close(rel, NoLock);
+	PG_RETURN_VOID();
+}
+
+/*
+ * kafka_bridge.snapshot(tbl): publish every row of a published table again.
+ * It only records the request; the publisher of the database runs the
+ * snapshot in chunks (snapshot.c), and kafka_bridge.snapshots shows how far
+ * it got.  A snapshot already running starts over.
+ */
+Datum
+kafka_bridge_snapshot(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	Relation	rel = kb_open_owned_table(relid);
+	Relation	catalog = open_publications_or_error(RowExclusiveLock);
+	TupleDesc	desc = RelationGetDescr(catalog);
+	Datum		values[Natts_kb_publications] = {0};
+	bool		nulls[Natts_kb_publications] = {0};
+	bool		replace[Natts_kb_publications] = {0};
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+
+	tuple = published_row(catalog, rel, &key, &scan,
+						  "Publish it with kafka_bridge.publish(), which publishes its rows first.");
+	set_snapshot_columns(values, nulls, replace, "pending", kb_estimate_rows(rel));
+	CatalogTupleUpdate(catalog, &tuple->t_self, heap_modify_tuple(tuple, desc, values, nulls, replace));
+	systable_endscan(scan);
+	table_close(catalog, NoLock);
+
+	kb_invalidate_publication(rel);
 	relation_close(rel, NoLock);
 	PG_RETURN_VOID();
 }

@@ -11,6 +11,13 @@
  * frame per Kafka record, a commit frame at the end of each transaction that
  * produced records.
  *
+ * Snapshots (snapshot.c) produce their records through the same producer,
+ * between two rounds of decoding: a batch counts the acknowledgements of a
+ * chunk's records like a transaction's, outside the FIFO.
+ *
+ * A topic is created (kafka_client.c) before the first record the
+ * publisher sends to it, with the kafka_bridge.topic_* settings.
+ *
  * Every transaction with records gets an entry in a FIFO, in commit order;
  * each record produced counts against its entry, each acknowledgement
  * (delivery report) counts it down.  The slot's confirmed position moves to
@@ -72,6 +79,7 @@ struct KbPublisher
 	TimestampTz saved_at;
 	bool		failed;			/* a delivery failed: start again */
 	char		failure[512];
+	XLogRecPtr	step_target;	/* the WAL end the last step decoded towards */
 	/* topic handles, so that producing does not look each topic up by name */
 	int			ntopics;
 	struct
@@ -127,10 +135,14 @@ prepare_write(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
 
 /*
  * The handle of a topic, kept for the publisher's life (the least recently
- * added one goes when there are too many).
+ * added one goes when there are too many).  The topic is created first if
+ * it does not exist: compacted for row events keyed by row, else (flat
+ * records, kafka_bridge.send() records) as an event log.  NULL when that
+ * failed (pub->failed says why).
  */
 static rd_kafka_topic_t *
-topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len)
+topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
+			 bool compact)
 {
 	int			i;
 
@@ -143,10 +155,17 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len)
 		memmove(&pub->topics[0], &pub->topics[1], sizeof(pub->topics[0]) * (KB_TOPIC_HANDLES - 1));
 		pub->ntopics--;
 	}
-	i = pub->ntopics++;
+	i = pub->ntopics;
 	memcpy(pub->topics[i].name, name, len);
 	pub->topics[i].name[len] = '\0';
 	pub->topics[i].len = len;
+	if (!kb_kafka_create_topic(rk, pub->topics[i].name, compact,
+							   pub->failure, sizeof(pub->failure)))
+	{
+		pub->failed = true;
+		return NULL;
+	}
+	pub->ntopics++;
 	pub->topics[i].rkt = rd_kafka_topic_new(rk, pub->topics[i].name, NULL);
 	if (pub->topics[i].rkt == NULL)
 	{
@@ -157,9 +176,14 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len)
 	return pub->topics[i].rkt;
 }
 
-/* Produce one record, waiting (and serving acknowledgements) while the queue is full. */
+/*
+ * Produce one record, waiting (and serving acknowledgements) while the
+ * queue is full.  Its acknowledgement counts down batch, or the open
+ * transaction's entry when batch is NULL.
+ */
 static void
-produce_record(KbPublisher *pub, StringInfo frame)
+produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
+			   PendingTxn *batch)
 {
 	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
 	int			topic_len = pq_getmsgint(frame, 4);
@@ -185,9 +209,22 @@ produce_record(KbPublisher *pub, StringInfo frame)
 	}
 	if (topic_len <= 0 || topic_len >= sizeof(pub->topics[0].name))
 		elog(ERROR, "kafka_bridge output plugin sent a topic name of %d bytes", topic_len);
-	rkt = topic_handle(pub, rk, topic, topic_len);
+	/*
+	 * After a failure the publisher starts over: produce nothing more.  A
+	 * topic is created compacted when its first record is a row event keyed
+	 * by the row (a JSON object): not for flat records, keyed by event type,
+	 * of which compaction would keep one per type.
+	 */
+	rkt = pub->failed ? NULL :
+		topic_handle(pub, rk, topic, topic_len, row_topic && key_len > 0 && key[0] == '{');
+	if (rkt == NULL)
+	{
+		if (headers)
+			rd_kafka_headers_destroy(headers);
+		return;
+	}
 
-	if (pub->open_txn == NULL)
+	if (batch == NULL && pub->open_txn == NULL)
 	{
 		MemoryContext old = MemoryContextSwitchTo(pub->cxt);
 
@@ -195,6 +232,8 @@ produce_record(KbPublisher *pub, StringInfo frame)
 		dlist_push_tail(&pub->pending, &pub->open_txn->node);
 		MemoryContextSwitchTo(old);
 	}
+	if (batch == NULL)
+		batch = pub->open_txn;
 
 	for (;;)
 	{
@@ -206,7 +245,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 									RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
 									RD_KAFKA_V_HEADERS(headers),
 									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-									RD_KAFKA_V_OPAQUE(pub->open_txn),
+									RD_KAFKA_V_OPAQUE(batch),
 									RD_KAFKA_V_END);
 		else
 			err = rd_kafka_producev(rk,
@@ -214,7 +253,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 									RD_KAFKA_V_KEY(key, key ? key_len : 0),
 									RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
 									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-									RD_KAFKA_V_OPAQUE(pub->open_txn),
+									RD_KAFKA_V_OPAQUE(batch),
 									RD_KAFKA_V_END);
 		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			break;
@@ -258,7 +297,7 @@ produce_record(KbPublisher *pub, StringInfo frame)
 		pub->failed = true;
 		return;
 	}
-	pub->open_txn->outstanding++;
+	batch->outstanding++;
 }
 
 /* The plugin wrote one frame into ctx->out. */
@@ -272,8 +311,8 @@ write_frame(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
 
 	frame->cursor = 0;
 	tag = pq_getmsgbyte(frame);
-	if (tag == KB_FRAME_RECORD)
-		produce_record(pub, frame);
+	if (tag == KB_FRAME_RECORD || tag == KB_FRAME_SEND_RECORD)
+		produce_record(pub, frame, tag == KB_FRAME_RECORD, NULL);
 	else if (tag == KB_FRAME_COMMIT)
 	{
 		XLogRecPtr	end_lsn = (XLogRecPtr) pq_getmsgint64(frame);
@@ -473,6 +512,7 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 	uint64		records = 0;
 	MemoryContext caller_cxt = CurrentMemoryContext;
 
+	pub->step_target = end_of_wal;
 	if (pub->ctx->reader->EndRecPtr < end_of_wal)
 		pgstat_report_activity(STATE_RUNNING, "decoding and publishing changes");
 	MemoryContextSwitchTo(pub->decode_cxt);
@@ -523,4 +563,76 @@ bool
 kb_publisher_caught_up(KbPublisher *pub)
 {
 	return pub->ctx->reader->EndRecPtr >= GetFlushRecPtr(NULL);
+}
+
+/*
+ * Where decoding stands when the last step decoded everything it set out
+ * to (else InvalidXLogRecPtr): every transaction that committed before
+ * this position has had its records produced, none after.  A snapshot
+ * chunk runs only there (see snapshot.c).
+ */
+XLogRecPtr
+kb_publisher_boundary(KbPublisher *pub)
+{
+	if (pub->failed || pub->ctx->reader->EndRecPtr < pub->step_target)
+		return InvalidXLogRecPtr;
+	return pub->ctx->reader->EndRecPtr;
+}
+
+/* A batch of records outside any transaction (a snapshot chunk). */
+KbPublishBatch *
+kb_publisher_batch_new(KbPublisher *pub)
+{
+	/* in pub->cxt: acknowledgements may come after the batch is given up */
+	return (KbPublishBatch *) MemoryContextAllocZero(pub->cxt, sizeof(PendingTxn));
+}
+
+/* Produce a record frame (the output plugin's layout, tag included) in batch. */
+void
+kb_publisher_produce_frame(KbPublisher *pub, StringInfo frame, KbPublishBatch *batch)
+{
+	frame->cursor = 1;
+	produce_record(pub, frame, true, (PendingTxn *) batch);
+}
+
+/* Whether a delivery failed: the worker starts the publisher again. */
+bool
+kb_publisher_failed(KbPublisher *pub)
+{
+	return pub->failed;
+}
+
+/* Whether every record of batch is acknowledged. */
+bool
+kb_publisher_batch_acknowledged(KbPublishBatch *batch)
+{
+	return ((PendingTxn *) batch)->outstanding == 0;
+}
+
+/*
+ * Make sure a topic exists and the producer knows its partitions, before a
+ * snapshot chunk locks its table: creating a topic and learning its leaders
+ * takes a while, during which the table's writers would wait.  compact: a
+ * topic of row events keyed by row.  False when the topic could not be
+ * created (the publisher is then failed).
+ */
+bool
+kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact)
+{
+	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
+	int			len = strlen(topic);
+	rd_kafka_topic_t *rkt;
+	const struct rd_kafka_metadata *md = NULL;
+
+	if (len <= 0 || len >= sizeof(pub->topics[0].name))
+		return true;			/* produce_record says what is wrong */
+	for (int i = 0; i < pub->ntopics; i++)
+		if (pub->topics[i].len == len && memcmp(pub->topics[i].name, topic, len) == 0)
+			return true;
+	rkt = topic_handle(pub, rk, topic, len, compact);
+	if (rkt == NULL)
+		return false;
+	if (rd_kafka_metadata(rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		rd_kafka_metadata_destroy(md);
+	return true;
 }

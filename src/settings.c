@@ -36,6 +36,19 @@ int			kb_apply_batch_size;
 int			kb_tombstone_retention;
 int			kb_conflict_retention;
 int			kb_probe_interval = 5;
+bool		kb_create_topics = true;
+int			kb_topic_partitions = -1;
+int			kb_topic_replication_factor = -1;
+int			kb_topic_cleanup_policy = KB_CLEANUP_COMPACT;
+int			kb_snapshot_chunk_rows = 50000;
+int			kb_snapshot_chunk_time = 200;
+
+static const struct config_enum_entry cleanup_policies[] = {
+	{"compact", KB_CLEANUP_COMPACT, false},
+	{"delete", KB_CLEANUP_DELETE, false},
+	{"compact,delete", KB_CLEANUP_COMPACT_DELETE, false},
+	{NULL, 0, false}
+};
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
 
@@ -269,6 +282,18 @@ check_databases(char **newval, void **extra, GucSource source)
 				return false;
 			}
 		}
+	}
+	return true;
+}
+
+/* Partitions and replicas: a positive number, or -1 for the broker's default. */
+static bool
+check_topic_count(int *newval, void **extra, GucSource source)
+{
+	if (*newval == 0)
+	{
+		GUC_check_errdetail("Give a positive number, or -1 for the broker's default.");
+		return false;
 	}
 	return true;
 }
@@ -516,6 +541,48 @@ kb_define_settings(void)
 							NULL,
 							&kb_conflict_retention, 30 * 24 * 3600, 60, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("kafka_bridge.create_topics",
+							 "Create the topics kafka_bridge publishes to when they do not exist.",
+							 "With the kafka_bridge.topic_* settings; an existing topic is never changed.",
+							 &kb_create_topics, true,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.topic_partitions",
+							"Partitions of the topics kafka_bridge creates; -1 means the broker's num.partitions.",
+							NULL,
+							&kb_topic_partitions, -1, -1, 100000,
+							PGC_SIGHUP, 0,
+							check_topic_count, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.topic_replication_factor",
+							"Replicas of each partition of the topics kafka_bridge creates; -1 means the broker's default.replication.factor.",
+							NULL,
+							&kb_topic_replication_factor, -1, -1, 32767,
+							PGC_SIGHUP, 0,
+							check_topic_count, NULL, NULL);
+
+	DefineCustomEnumVariable("kafka_bridge.topic_cleanup_policy",
+							 "cleanup.policy of the row topics kafka_bridge creates.",
+							 "compact keeps the latest record of every row (key); topics of kafka_bridge.send() records are always created with the broker's default.",
+							 &kb_topic_cleanup_policy, KB_CLEANUP_COMPACT, cleanup_policies,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.snapshot_chunk_rows",
+							"Most rows one chunk of a snapshot reads.",
+							"Each chunk holds a SHARE lock on the table until Kafka acknowledged its rows.",
+							&kb_snapshot_chunk_rows, 50000, 1, 10000000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("kafka_bridge.snapshot_chunk_time",
+							"Longest time one chunk of a snapshot reads rows, while writers of the table wait.",
+							NULL,
+							&kb_snapshot_chunk_time, 200, 1, 60000,
+							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("kafka_bridge");

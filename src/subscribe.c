@@ -128,6 +128,108 @@ check_subscribable(Relation rel)
 	}
 }
 
+/* A start_position argument: "beginning" or "end" (true). */
+static bool
+parse_start_position(const char *value)
+{
+	if (strcmp(value, "beginning") == 0)
+		return false;
+	if (strcmp(value, "end") == 0)
+		return true;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("invalid value \"%s\" for parameter \"start_position\"", value),
+			 errhint("start_position is \"beginning\" (apply the whole topic) or \"end\" (apply only the records written after subscribe()).")));
+	return false;				/* keep the compiler quiet */
+}
+
+/* longest wait for the brokers when subscribe() reads where a topic ends */
+#define KB_END_TIMEOUT_MS 5000
+
+/*
+ * start_position 'end': store the current end of every partition of the
+ * topic as where the applier starts, once and for all, in the caller's
+ * transaction.  Partitions that have a stored offset keep it; a topic
+ * that does not exist yet has no record to skip.
+ */
+static void
+store_end_offsets(const char *topic)
+{
+	KbKafkaClient *client;
+	char	   *detail;
+	char		error[512] = "";
+	rd_kafka_t *rk;
+	rd_kafka_topic_t *rkt;
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_resp_err_t err;
+	int			npartitions = 0;
+	int32	   *partitions = NULL;
+	int64	   *ends = NULL;
+
+	if (kb_bootstrap_servers == NULL || kb_bootstrap_servers[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("start_position \"end\" needs kafka_bridge.bootstrap_servers to be set"),
+				 errdetail("subscribe() reads where each partition of topic \"%s\" ends from the brokers.", topic)));
+	client = kb_kafka_client_create(KB_CLIENT_CONSUMER,
+									psprintf("kafka_bridge-subscribe-%s-%d", kb_instance_id(), MyProcPid),
+									NULL, &detail);
+	if (client == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("could not create a Kafka client to read the end of topic \"%s\"", topic),
+				 errdetail("%s", detail)));
+
+	/* no error is raised while the client exists: it would leak its threads */
+	rk = kb_kafka_client_handle(client);
+	rkt = rd_kafka_topic_new(rk, topic, NULL);
+	err = rd_kafka_metadata(rk, 0, rkt, &md, KB_END_TIMEOUT_MS);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		snprintf(error, sizeof(error), "%s", rd_kafka_err2str(err));
+	else if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		npartitions = md->topics[0].partition_cnt;
+		partitions = palloc(sizeof(int32) * Max(npartitions, 1));
+		ends = palloc(sizeof(int64) * Max(npartitions, 1));
+		for (int i = 0; i < npartitions && error[0] == '\0'; i++)
+		{
+			int64		low;
+
+			partitions[i] = md->topics[0].partitions[i].id;
+			err = rd_kafka_query_watermark_offsets(rk, topic, partitions[i], &low, &ends[i],
+												   KB_END_TIMEOUT_MS);
+			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+				snprintf(error, sizeof(error), "partition %d: %s", partitions[i],
+						 rd_kafka_err2str(err));
+		}
+	}
+	if (error[0] && kb_kafka_client_last_error(client)[0])
+		strlcat(error, psprintf(" (%s)", kb_kafka_client_last_error(client)), sizeof(error));
+	if (md)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
+	kb_kafka_client_destroy(client);
+
+	if (error[0])
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not read where topic \"%s\" ends", topic),
+				 errdetail("Kafka at \"%s\": %s.", kb_bootstrap_servers, error),
+				 errhint("start_position \"end\" needs the brokers; subscribe with start_position => 'beginning', or when Kafka is reachable.")));
+	for (int i = 0; i < npartitions; i++)
+	{
+		Oid			types[3] = {TEXTOID, INT4OID, INT8OID};
+		Datum		values[3];
+
+		values[0] = CStringGetTextDatum(topic);
+		values[1] = Int32GetDatum(partitions[i]);
+		values[2] = Int64GetDatum(ends[i]);
+		run_as_owner("INSERT INTO kafka_bridge.apply_progress (topic, partition, next_offset, high_watermark) "
+					 "VALUES ($1, $2, $3, $3) ON CONFLICT (topic, partition) DO NOTHING",
+					 3, types, values, NULL);
+	}
+}
+
 /*
  * Before changing the subscriptions: wait for the batch the applier is
  * applying under the current ones (it holds a ROW SHARE lock on the table
@@ -209,9 +311,10 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	KbEventFormat format;
 	Oid			role;
 	KbConflictPolicy policy;
-	Oid			types[6] = {OIDOID, TEXTOID, TEXTOID, TEXTOID, OIDOID, TEXTOID};
-	Datum		values[6];
+	Oid			types[7] = {OIDOID, TEXTOID, TEXTOID, TEXTOID, OIDOID, TEXTOID, TEXTOID};
+	Datum		values[7];
 	int			n;
+	bool		from_end;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -222,6 +325,8 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 							 text_to_cstring(PG_GETARG_TEXT_PP(2)));
 	policy = kb_parse_conflict_policy(PG_NARGS() < 6 || PG_ARGISNULL(5) ? "last_write_wins" :
 									  text_to_cstring(PG_GETARG_TEXT_PP(5)));
+	from_end = (PG_NARGS() > 6 && !PG_ARGISNULL(6)) &&
+		parse_start_position(text_to_cstring(PG_GETARG_TEXT_PP(6)));
 
 	rel = kb_open_owned_table(relid);
 	check_subscribable(rel);
@@ -247,6 +352,7 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	values[3] = CStringGetTextDatum(prefix);
 	values[4] = ObjectIdGetDatum(role);
 	values[5] = CStringGetTextDatum(kb_conflict_policy_name(policy));
+	values[6] = CStringGetTextDatum(from_end ? "end" : "beginning");
 
 	lock_subscriptions();
 
@@ -266,13 +372,15 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	run_as_owner("DELETE FROM kafka_bridge.apply_origins p USING kafka_bridge.subscriptions s "
 				 "WHERE s.relid = $1 AND s.topic <> $2 AND p.topic = s.topic",
 				 2, types, values, NULL);
-	run_as_owner("INSERT INTO kafka_bridge.subscriptions (relid, topic, format, event_prefix, apply_role, conflict_policy) "
-				 "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (relid) DO UPDATE SET "
+	run_as_owner("INSERT INTO kafka_bridge.subscriptions (relid, topic, format, event_prefix, apply_role, conflict_policy, start_position) "
+				 "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (relid) DO UPDATE SET "
 				 "topic = excluded.topic, format = excluded.format, "
 				 "event_prefix = excluded.event_prefix, apply_role = excluded.apply_role, "
-				 "conflict_policy = excluded.conflict_policy",
-				 6, types, values, NULL);
+				 "conflict_policy = excluded.conflict_policy, start_position = excluded.start_position",
+				 7, types, values, NULL);
 	set_tombstone_trigger(rel, policy != KB_POLICY_APPLY_REMOTE);
+	if (from_end)
+		store_end_offsets(topic);
 
 	/* versions are commit timestamps: without them the applier waits */
 	if (policy != KB_POLICY_APPLY_REMOTE && !track_commit_timestamp)
@@ -333,35 +441,44 @@ kafka_bridge_unsubscribe(PG_FUNCTION_ARGS)
 }
 
 /*
- * kafka_bridge.sync(tbl, topic, format, event_prefix): publish the table to
- * the topic and apply the topic to it.  The applier skips the events whose
- * origin is this instance, and applies the others under a replication
- * origin that the publisher filters out: nothing goes round in circles.
+ * kafka_bridge.sync(tbl, topic, format, event_prefix, conflict_policy, start_position):
+ * publish the table to the topic and apply the topic to it.  The applier
+ * skips the events whose origin is this instance, and applies the others
+ * under a replication origin that the publisher filters out: nothing goes
+ * round in circles.
  */
 Datum
 kafka_bridge_sync(PG_FUNCTION_ARGS)
 {
 	LOCAL_FCINFO(pub, 5);
-	LOCAL_FCINFO(sub, 6);
+	LOCAL_FCINFO(sub, 7);
 
 	InitFunctionCallInfoData(*pub, NULL, 5, InvalidOid, NULL, NULL);
-	InitFunctionCallInfoData(*sub, NULL, 6, InvalidOid, NULL, NULL);
+	InitFunctionCallInfoData(*sub, NULL, 7, InvalidOid, NULL, NULL);
+
+	/* refuse a bad conflict_policy or start_position before publishing */
+	if (PG_NARGS() > 4 && !PG_ARGISNULL(4))
+		(void) kb_parse_conflict_policy(text_to_cstring(PG_GETARG_TEXT_PP(4)));
+	if (PG_NARGS() > 5 && !PG_ARGISNULL(5))
+		(void) parse_start_position(text_to_cstring(PG_GETARG_TEXT_PP(5)));
 
 	/* publish(tbl, topic, event_prefix, format, tombstones) */
 	for (int i = 0; i < 5; i++)
 		pub->args[i].isnull = true;
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < 7; i++)
 		sub->args[i].isnull = true;
 	pub->args[0] = fcinfo->args[0];
 	pub->args[1] = fcinfo->args[1];
 	pub->args[2] = fcinfo->args[3];
 	pub->args[3] = fcinfo->args[2];
 
-	/* subscribe(tbl, topic, format, event_prefix, apply_role, conflict_policy) */
+	/* subscribe(tbl, topic, format, event_prefix, apply_role, conflict_policy, start_position) */
 	for (int i = 0; i < 4; i++)
 		sub->args[i] = fcinfo->args[i];
 	if (PG_NARGS() > 4)
 		sub->args[5] = fcinfo->args[4];
+	if (PG_NARGS() > 5)
+		sub->args[6] = fcinfo->args[5];
 
 	(void) kafka_bridge_publish(pub);
 	(void) kafka_bridge_subscribe(sub);

@@ -237,6 +237,7 @@ worker_loop(const char *dbname)
 	{
 		TimestampTz now;
 		long		nap;
+		bool		snapshot_busy;
 
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(loop_cxt);
@@ -257,23 +258,32 @@ worker_loop(const char *dbname)
 
 		if (w.pub == NULL && w.client && w.have_extension &&
 			wal_level >= WAL_LEVEL_LOGICAL && now >= w.publish_retry_at)
+		{
 			w.pub = kb_publisher_start(my_slot, w.client);
+			kb_snapshot_forget();
+		}
 
+		snapshot_busy = false;
 		if (w.pub)
 			publish_step(&w);
 		else if (w.client)
 			kb_kafka_client_poll(w.client);
+		/* a chunk of a table's snapshot between two rounds of decoding */
+		if (w.pub)
+			snapshot_busy = kb_snapshot_step(w.pub, my_slot);
 
-		/* no sleep while WAL waits; short naps while acknowledgements do */
-		if (w.pub && !kb_publisher_caught_up(w.pub))
+		/* no sleep while WAL or a snapshot waits; short naps while acknowledgements do */
+		if (w.pub && (!kb_publisher_caught_up(w.pub) || snapshot_busy))
 			nap = 0;
 		else if (w.pub && kb_publisher_pending(w.pub))
 			nap = 10;
 		else
 			nap = Min(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), w.next_probe), 1000L);
-		if (nap > 0)
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 nap, PG_WAIT_EXTENSION);
+		/* a commit woke us: maybe publish() or snapshot(), look soon */
+		if (nap > 0 &&
+			(WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					   nap, PG_WAIT_EXTENSION) & WL_LATCH_SET))
+			kb_snapshot_wake();
 		else if (!PostmasterIsAlive())
 			proc_exit(1);
 		ResetLatch(MyLatch);

@@ -250,4 +250,54 @@ sub kb_applier
 		consumer_lag => $lag // 0, last_error => $error // '' };
 }
 
+
+# ---- Helpers of the snapshot tests (04*.pl): large topics, read fast ----
+
+push @EXPORT, qw(kafka_scan kb_converge);
+
+# Wait (up to two minutes) until two nodes hold the same rows in a table
+# (kb_md5); one test assertion, with both workers' status when it fails.
+sub kb_converge
+{
+	my ($x, $y, $table, $what) = @_;
+	my ($mx, $my) = ('', '');
+	for (my $i = 0; $i < 1200; $i++)
+	{
+		$mx = kb_md5($x, $table);
+		$my = kb_md5($y, $table);
+		return ok(1, $what) if $mx eq $my;
+		usleep(100_000);
+	}
+	diag("$mx vs $my");
+	for my $n ($x, $y)
+	{
+		diag($n->name . ': ' . $n->safe_psql('postgres', 'SELECT worker, state, activity, last_error FROM kafka_bridge.status'));
+		diag($n->name . ': ' . $n->safe_psql('postgres', 'SELECT * FROM kafka_bridge.subscription_status'));
+	}
+	return ok(0, $what);
+}
+
+# Every record of a topic, like kafka_records but without decoding JSON,
+# for topics of hundreds of thousands of records: a list of { partition,
+# offset, key, value (undef for a null value), headers => { name => value } }.
+# Keys, values and header values must hold no tab or newline (JSON does not).
+sub kafka_scan
+{
+	my ($topic) = @_;
+	my $bootstrap = kafka_bootstrap();
+	my @records;
+	open(my $kcat, '-|', 'kcat', '-C', '-b', $bootstrap, '-t', $topic, '-o', 'beginning', '-e', '-q',
+		'-Z', '-f', "%p\t%o\t%K\t%k\t%S\t%h\t%s\n") or die "cannot run kcat: $!";
+	while (my $line = <$kcat>)
+	{
+		chomp $line;
+		my ($p, $o, $klen, $key, $vlen, $h, $value) = split /\t/, $line, 7;
+		my %headers = map { split /=/, $_, 2 } grep { length } split /,/, ($h // '');
+		push @records, { partition => $p, offset => $o, key => $klen < 0 ? undef : $key,
+			value => $vlen < 0 ? undef : $value, headers => \%headers };
+	}
+	close $kcat;
+	return @records;
+}
+
 1;

@@ -1,0 +1,118 @@
+# kafka_bridge.snapshot() re-publishes a published table while another
+# session keeps updating it: the snapshot completes, no UPDATE waits a
+# second for its locks (each statement's duration is measured by the
+# writer), B, which syncs the table, ends with A's rows, and the topic got
+# every row again from the snapshot.  A snapshot interrupted by a restart of
+# the server resumes where it stood.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(usleep);
+use KafkaBridgeTest;
+
+my $topic = 'regress_resnap_item';
+my $rows = 100_000;
+
+my %node;
+for my $name (qw(A B))
+{
+	my $node = kb_node($name, conf => "track_commit_timestamp = on\n");
+	$node->start;
+	$node->safe_psql('postgres', q{
+		CREATE EXTENSION kafka_bridge;
+		CREATE TABLE item (id int PRIMARY KEY, v bigint NOT NULL);
+	});
+	ok(kb_wait_slot($node), "$name: slot created");
+	$node{$name} = $node;
+}
+my ($a, $b) = @node{qw(A B)};
+
+$a->safe_psql('postgres', qq{
+	INSERT INTO item SELECT g, 0 FROM generate_series(1, $rows) g;
+	CREATE TABLE writer_stats (updates int, longest_ms float8);
+	-- update random rows, one transaction each, until the snapshot has been
+	-- done for after_done updates; record the longest UPDATE
+	CREATE PROCEDURE regress_updater(after_done int) LANGUAGE plpgsql AS \$\$
+	DECLARE
+	  t0 timestamptz; longest float8 := 0; n int := 0; after int := 0;
+	BEGIN
+	  LOOP
+	    n := n + 1;
+	    t0 := clock_timestamp();
+	    UPDATE item SET v = v + 1 WHERE id = 1 + floor(random() * $rows)::int;
+	    longest := greatest(longest, extract(epoch FROM clock_timestamp() - t0) * 1000);
+	    COMMIT;
+	    IF (SELECT state FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass) = 'done' THEN
+	      after := after + 1;
+	    END IF;
+	    EXIT WHEN after >= after_done;
+	  END LOOP;
+	  INSERT INTO writer_stats VALUES (n, longest);
+	  COMMIT;
+	END \$\$;
+	SELECT kafka_bridge.publish('item', topic => '$topic');
+});
+ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	'A: the first snapshot is done');
+$b->safe_psql('postgres', "SELECT kafka_bridge.sync('item', topic => '$topic')");
+ok($b->poll_query_until('postgres', "SELECT count(*) = $rows FROM item"), 'B: got the rows');
+my $before = scalar(kafka_scan($topic));
+
+# snapshot() while the updater runs; it returns at once
+my $writer = $a->background_psql('postgres', on_error_stop => 1);
+$writer->query_until(qr/start/, "\\echo start\nCALL regress_updater(500);\n");
+usleep(200_000);
+$a->safe_psql('postgres', "SELECT kafka_bridge.snapshot('item')");
+like($a->safe_psql('postgres', "SELECT state || ' ' || rows_done || ' ' || (rows_estimated > 0) FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	qr/^(pending|running) \d+ true$/, 'A: snapshot() starts a snapshot, with an estimate of the rows');
+ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	'A: the snapshot completes under write load');
+ok($a->poll_query_until('postgres', 'SELECT count(*) = 1 FROM writer_stats'), 'A: the updater finished');
+$writer->quit;
+my ($updates, $longest) = split /\|/, $a->safe_psql('postgres', 'SELECT updates, longest_ms FROM writer_stats');
+note "updater: $updates updates, the longest took $longest ms";
+cmp_ok($updates, '>', 500, 'the updater kept updating during the snapshot');
+cmp_ok($longest, '<', 1000, "no UPDATE was blocked a second (longest $longest ms)");
+
+kb_converge($a, $b, 'item', 'B holds the same rows as A');
+
+# the snapshot records published since, by row id
+sub snapshot_ids
+{
+	my ($records, $from) = @_;
+	my %ids;
+	for my $r (@$records[ $from .. $#$records ])
+	{
+		next unless defined $r->{value} && $r->{value} =~ /"snapshot":true/;
+		my ($id) = $r->{value} =~ /"row":\{"id":(\d+)/;
+		$ids{$id}++;
+	}
+	return \%ids;
+}
+my @records = kafka_scan($topic);
+my %ids = %{ snapshot_ids(\@records, $before) };
+is(scalar(keys %ids), $rows, "the snapshot published every one of the $rows rows again");
+
+# ---- a snapshot interrupted by a restart resumes from snapshot_upto ----
+
+# small chunks, so that the restart comes in the middle
+$a->safe_psql('postgres', "ALTER SYSTEM SET kafka_bridge.snapshot_chunk_rows = 500; SELECT pg_reload_conf()");
+$a->safe_psql('postgres', "SELECT kafka_bridge.snapshot('item')");
+ok($a->poll_query_until('postgres', "SELECT state = 'running' AND rows_done > 0 FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	'A: the third snapshot is running');
+$a->stop('immediate');
+$a->start;
+my $upto = $a->safe_psql('postgres', "SELECT state || ' ' || done_up_to_key::text FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass");
+note "after the restart: $upto";
+ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	'A: the snapshot resumes after a crash and completes');
+my @after = kafka_scan($topic);
+my %third = %{ snapshot_ids(\@after, scalar(@records)) };
+is(scalar(keys %third), $rows, 'the interrupted snapshot still published every row');
+kb_converge($a, $b, 'item', 'B still holds the same rows as A');
+
+$_->stop for ($a, $b);
+done_testing();
