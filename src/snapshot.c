@@ -62,6 +62,7 @@
  */
 #include "postgres.h"
 
+#include "access/commit_ts.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/xact.h"
@@ -77,7 +78,9 @@
 #include "storage/lmgr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datetime.h"
 #include "utils/guc.h"
+#include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -372,14 +375,33 @@ build_head(Chunk *c, XLogRecPtr boundary)
 	appendStringInfo(head, ",\"xid\":%u,\"snapshot\":true,\"row\":", GetTopTransactionId());
 }
 
-/* Produce one row as a PUT record of the chunk. */
+/*
+ * The commit_time header of a row: the commit time of the transaction that
+ * wrote it (its version, which subscribers compare under last_write_wins),
+ * or the Unix epoch, older than anything, when it is not known (a frozen
+ * row, or one written while track_commit_timestamp was off).
+ */
 static void
-produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls)
+row_commit_time(TransactionId xmin, char *text)
+{
+	TimestampTz ts = 0;
+	RepOriginId nodeid;
+	int			utc = 0;
+
+	if (!TransactionIdIsNormal(xmin) || !TransactionIdGetCommitTsData(xmin, &ts, &nodeid))
+		ts = -((TimestampTz) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY);
+	JsonEncodeDateTime(text, TimestampTzGetDatum(ts), TIMESTAMPTZOID, &utc);
+}
+
+/* Produce one row (whose xmin is given) as a PUT record of the chunk. */
+static void
+produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionId xmin)
 {
 	StringInfo	f = &c->frame;
 	int			value_start;
 	uint32		len;
 	char		seq[16];
+	char		commit_time[MAXDATELEN + 1];
 
 	snprintf(seq, sizeof(seq), "%lld", (long long) ++c->rows);
 	resetStringInfo(f);
@@ -402,11 +424,13 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls)
 		appendStringInfoChar(f, '}');
 	len = pg_hton32(f->len - value_start - 4);
 	memcpy(f->data + value_start, &len, sizeof(len));
-	pq_sendint16(f, 4);
+	pq_sendint16(f, 5);
 	send_named(f, KB_HEADER_EVENT, c->event);
 	send_named(f, KB_HEADER_ORIGIN, kb_instance_id());
 	send_named(f, KB_HEADER_LSN, c->lsn);
 	send_named(f, KB_HEADER_SEQ, seq);
+	row_commit_time(xmin, commit_time);
+	send_named(f, KB_HEADER_COMMIT_TIME, commit_time);
 	kb_publisher_produce_frame(pub, f, c->batch);
 }
 
@@ -447,7 +471,7 @@ chunk_query(Chunk *c, int *nargs, Oid **types, Datum **values)
 		from_start = c->upto[i] == NULL;
 
 	initStringInfo(&sql);
-	appendStringInfo(&sql, "SELECT kb_row FROM %s kb_row",
+	appendStringInfo(&sql, "SELECT kb_row, kb_row.xmin FROM %s kb_row",
 					 quote_qualified_identifier(get_namespace_name(RelationGetNamespace(c->rel)),
 												RelationGetRelationName(c->rel)));
 	*nargs = 0;
@@ -524,7 +548,9 @@ produce_chunk(KbPublisher *pub, Chunk *c)
 			tuple.t_tableOid = RelationGetRelid(c->rel);
 			tuple.t_data = row;
 			heap_deform_tuple(&tuple, desc, values, nulls);
-			produce_row(pub, c, values, nulls);
+			produce_row(pub, c, values, nulls,
+						DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[i],
+															SPI_tuptable->tupdesc, 2, &isnull)));
 			MemoryContextSwitchTo(old);
 			if (i == n - 1 && c->key.nkeys > 0)
 				upto = key_text(c, values);
