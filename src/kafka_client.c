@@ -89,10 +89,7 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 	 * Defaults the user may override: a record waits for the broker as long
 	 * as it takes (an outage delays, never drops), and the producer queue is
 	 * bounded so that an outage holds the worker's memory at a fixed size.
-	 * The consumer prefetches at most 10,000 records or 16 MB (librdkafka:
-	 * 100,000 and 64 MB), ten batches ahead: a backlog waits in Kafka, not in
-	 * the applier's memory.  A broker that comes back is reconnected to
-	 * within a second (instead
+	 * A broker that comes back is reconnected to within a second (instead
 	 * of librdkafka's up to 10 s): one connection attempt a second to a
 	 * broker that is down costs nothing, and the backlog starts at once.
 	 */
@@ -101,9 +98,7 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 		conf_set(conf, "log.queue", "true", detail) &&
 		conf_set(conf, "reconnect.backoff.max.ms", "1000", detail) &&
 		(role != KB_CLIENT_CONSUMER ||
-		 (conf_set(conf, "auto.offset.reset", "earliest", detail) &&
-		  conf_set(conf, "queued.min.messages", "10000", detail) &&
-		  conf_set(conf, "queued.max.messages.kbytes", "16384", detail))) &&
+		 conf_set(conf, "auto.offset.reset", "earliest", detail)) &&
 		(role != KB_CLIENT_PRODUCER ||
 		 (conf_set(conf, "message.timeout.ms", "0", detail) &&
 		  conf_set(conf, "queue.buffering.max.kbytes", "65536", detail))) &&
