@@ -586,23 +586,6 @@ prepare_transaction(KbDecodingData *data, ReorderBufferTXN *txn)
 	data->txn_meta_ready = true;
 }
 
-static void
-send_string(StringInfo out, const char *str, int len)
-{
-	pq_sendint32(out, len);
-	pq_sendbytes(out, str, len);
-}
-
-static void
-send_header(StringInfo out, const char *name, const char *value)
-{
-	int			len = strlen(name);
-
-	pq_sendint16(out, len);
-	pq_sendbytes(out, name, len);
-	send_string(out, value, strlen(value));
-}
-
 /*
  * Start a record in ctx->out: everything up to the value, which the caller
  * then appends unless it is null.  key NULL means a null key; flat records
@@ -623,11 +606,11 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 	if (data->output == KB_OUTPUT_KAFKA)
 	{
 		pq_sendbyte(out, KB_FRAME_RECORD);
-		send_string(out, entry->topic, entry->topic_len);
+		kb_send_bytes(out, entry->topic, entry->topic_len);
 		if (entry->format == KB_FORMAT_FLAT)
-			send_string(out, entry->event[event], strlen(entry->event[event]));
+			kb_send_bytes(out, entry->event[event], strlen(entry->event[event]));
 		else if (key != NULL)
-			send_string(out, key->data, key->len);
+			kb_send_bytes(out, key->data, key->len);
 		else
 			pq_sendint32(out, -1);
 		data->value_start = out->len;
@@ -683,15 +666,15 @@ record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
 			memcpy(out->data + data->value_start, &len, sizeof(len));
 		}
 		pq_sendint16(out, 2 + (data->include_lsn ? 2 : 0) + (data->include_timestamp ? 1 : 0));
-		send_header(out, KB_HEADER_EVENT, entry->event[event]);
-		send_header(out, KB_HEADER_ORIGIN, data->origin);
+		kb_send_header(out, KB_HEADER_EVENT, entry->event[event]);
+		kb_send_header(out, KB_HEADER_ORIGIN, data->origin);
 		if (data->include_lsn)
 		{
-			send_header(out, KB_HEADER_LSN, data->lsn);
-			send_header(out, KB_HEADER_SEQ, data->seq_text);
+			kb_send_header(out, KB_HEADER_LSN, data->lsn);
+			kb_send_header(out, KB_HEADER_SEQ, data->seq_text);
 		}
 		if (data->include_timestamp)
-			send_header(out, KB_HEADER_COMMIT_TIME, data->commit_time);
+			kb_send_header(out, KB_HEADER_COMMIT_TIME, data->commit_time);
 	}
 	else
 		appendStringInfoChar(out, '}');

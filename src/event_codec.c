@@ -17,6 +17,8 @@
  */
 #include "postgres.h"
 
+#include "libpq/pqformat.h"
+
 #include <math.h>
 
 #include "access/htup_details.h"
@@ -444,4 +446,25 @@ kb_append_row(StringInfo buf, KbRowShape *shape, Datum *values,
 	}
 	appendStringInfoChar(buf, '}');
 	return nunchanged;
+}
+
+/* ---- the binary frames of the publisher's output (see event_codec.h) ---- */
+
+/* A length-prefixed byte string of a frame. */
+void
+kb_send_bytes(StringInfo out, const char *str, int len)
+{
+	pq_sendint32(out, len);
+	pq_sendbytes(out, str, len);
+}
+
+/* A record header of a frame: its name, then its value. */
+void
+kb_send_header(StringInfo out, const char *name, const char *value)
+{
+	int			len = strlen(name);
+
+	pq_sendint16(out, len);
+	pq_sendbytes(out, name, len);
+	kb_send_bytes(out, value, strlen(value));
 }

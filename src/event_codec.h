@@ -131,6 +131,10 @@ extern KbRowShape *kb_row_shape_create(TupleDesc desc, Bitmapset *key_attrs,
 extern void kb_append_json_string(StringInfo buf, const char *str);
 extern void kb_append_datum(StringInfo buf, Datum value, KbTypeInfo *info);
 extern void kb_append_timestamptz(StringInfo buf, TimestampTz ts);
+
+/* Parts of a binary frame: a length-prefixed string, a record header. */
+extern void kb_send_bytes(StringInfo out, const char *str, int len);
+extern void kb_send_header(StringInfo out, const char *name, const char *value);
 extern bool kb_datum_is_unchanged_toast(Datum value, const KbColumn *col);
 extern int	kb_append_row(StringInfo buf, KbRowShape *shape, Datum *values,
 						  bool *nulls, KbRowPart part, int *unchanged);

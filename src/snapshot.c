@@ -336,21 +336,6 @@ read_publication(Chunk *c, Oid relid)
 	return true;
 }
 
-static void
-send_bytes(StringInfo out, const char *str, int len)
-{
-	pq_sendint32(out, len);
-	pq_sendbytes(out, str, len);
-}
-
-static void
-send_named(StringInfo out, const char *name, const char *value)
-{
-	pq_sendint16(out, strlen(name));
-	pq_sendbytes(out, name, strlen(name));
-	send_bytes(out, value, strlen(value));
-}
-
 /*
  * The envelope fields every record of the chunk shares, as the output
  * plugin writes them for a transaction, with "snapshot":true.
@@ -406,14 +391,14 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionI
 	snprintf(seq, sizeof(seq), "%lld", (long long) ++c->rows);
 	resetStringInfo(f);
 	pq_sendbyte(f, KB_FRAME_RECORD);
-	send_bytes(f, c->topic, strlen(c->topic));
+	kb_send_bytes(f, c->topic, strlen(c->topic));
 	if (c->format == KB_FORMAT_FLAT)
-		send_bytes(f, c->event, strlen(c->event));
+		kb_send_bytes(f, c->event, strlen(c->event));
 	else
 	{
 		resetStringInfo(&c->key_json);
 		(void) kb_append_row(&c->key_json, c->shape, values, nulls, KB_ROW_KEY, NULL);
-		send_bytes(f, c->key_json.data, c->key_json.len);
+		kb_send_bytes(f, c->key_json.data, c->key_json.len);
 	}
 	value_start = f->len;
 	pq_sendint32(f, 0);			/* the value's length, once known */
@@ -425,12 +410,12 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionI
 	len = pg_hton32(f->len - value_start - 4);
 	memcpy(f->data + value_start, &len, sizeof(len));
 	pq_sendint16(f, 5);
-	send_named(f, KB_HEADER_EVENT, c->event);
-	send_named(f, KB_HEADER_ORIGIN, kb_instance_id());
-	send_named(f, KB_HEADER_LSN, c->lsn);
-	send_named(f, KB_HEADER_SEQ, seq);
+	kb_send_header(f, KB_HEADER_EVENT, c->event);
+	kb_send_header(f, KB_HEADER_ORIGIN, kb_instance_id());
+	kb_send_header(f, KB_HEADER_LSN, c->lsn);
+	kb_send_header(f, KB_HEADER_SEQ, seq);
 	row_commit_time(xmin, commit_time);
-	send_named(f, KB_HEADER_COMMIT_TIME, commit_time);
+	kb_send_header(f, KB_HEADER_COMMIT_TIME, commit_time);
 	kb_publisher_produce_frame(pub, f, c->batch);
 }
 
