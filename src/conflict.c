@@ -329,17 +329,11 @@ kb_tombstones_find(Oid relid, int n, char **keys, bool *found, KbVersion *v)
 bool
 kb_tombstone_find(Oid relid, const char *key, KbVersion *v)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid			types[2] = {OIDOID, TEXTOID};
-	Datum		values[2] = {ObjectIdGetDatum(relid), CStringGetTextDatum(key)};
+	char	   *keys[1] = {unconstify(char *, key)};
+	bool		found;
 
-	run_plan(&plan, "SELECT commit_time, origin, xid FROM kafka_bridge.tombstones "
-			 "WHERE relid OPERATOR(pg_catalog.=) $1 AND key OPERATOR(pg_catalog.=) $2",
-			 2, types, values, NULL, false);
-	if (SPI_processed == 0)
-		return false;
-	tombstone_version(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, v);
-	return true;
+	kb_tombstones_find(relid, 1, keys, &found, v);
+	return found;
 }
 
 /*
@@ -396,7 +390,6 @@ kb_tombstones_may_exist(Oid relid)
 	bool		found;
 	Oid			types[1] = {OIDOID};
 	Datum		values[1] = {ObjectIdGetDatum(relid)};
-	HTAB	   *seen;
 
 	if (!kb_status_tombstones_written(&written))
 		return true;
@@ -409,8 +402,7 @@ kb_tombstones_may_exist(Oid relid)
 		no_tombstones = hash_create("kafka_bridge tables without tombstones", 16, &ctl,
 									HASH_ELEM | HASH_BLOBS);
 	}
-	seen = no_tombstones;
-	e = hash_search(seen, &relid, HASH_FIND, &found);
+	e = hash_search(no_tombstones, &relid, HASH_FIND, &found);
 	if (e != NULL && e->written == written)
 		return false;
 	run_plan(&plan, "SELECT 1 FROM kafka_bridge.tombstones WHERE relid OPERATOR(pg_catalog.=) $1 LIMIT 1",
@@ -418,10 +410,10 @@ kb_tombstones_may_exist(Oid relid)
 	if (SPI_processed > 0)
 	{
 		if (e != NULL)
-			(void) hash_search(seen, &relid, HASH_REMOVE, NULL);
+			(void) hash_search(no_tombstones, &relid, HASH_REMOVE, NULL);
 		return true;
 	}
-	e = hash_search(seen, &relid, HASH_ENTER, &found);
+	e = hash_search(no_tombstones, &relid, HASH_ENTER, &found);
 	e->written = written;
 	return false;
 }
