@@ -364,7 +364,8 @@ build_head(Chunk *c, XLogRecPtr boundary)
  * The commit_time header of a row: the commit time of the transaction that
  * wrote it (its version, which subscribers compare under last_write_wins),
  * or the Unix epoch, older than anything, when it is not known (a frozen
- * row, or one written while track_commit_timestamp was off).
+ * row, one written while track_commit_timestamp was off, or any row while
+ * it is off).
  */
 static void
 row_commit_time(TransactionId xmin, char *text)
@@ -373,7 +374,9 @@ row_commit_time(TransactionId xmin, char *text)
 	RepOriginId nodeid;
 	int			utc = 0;
 
-	if (!TransactionIdIsNormal(xmin) || !TransactionIdGetCommitTsData(xmin, &ts, &nodeid))
+	/* (asking while track_commit_timestamp is off raises an error) */
+	if (!track_commit_timestamp || !TransactionIdIsNormal(xmin) ||
+		!TransactionIdGetCommitTsData(xmin, &ts, &nodeid))
 		ts = -((TimestampTz) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY);
 	JsonEncodeDateTime(text, TimestampTzGetDatum(ts), TIMESTAMPTZOID, &utc);
 }

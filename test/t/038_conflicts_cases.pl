@@ -12,7 +12,7 @@
 # each side's row, apply_remote takes the other's (neither converges, as
 # documented), error sets the remote change aside as a dead letter.  Last,
 # an instance with track_commit_timestamp off refuses to apply a
-# last_write_wins table, and says why.
+# last_write_wins table, and says why; it still publishes a snapshot.
 use strict;
 use warnings;
 
@@ -228,6 +228,18 @@ is($c->safe_psql('postgres', 'SELECT count(*) FROM cases_off'), 0, 'C: nothing a
 $c->safe_psql('postgres', "SELECT kafka_bridge.subscribe('cases_off', topic => 'regress_cases_last_write_wins', event_prefix => 'CASES_LAST_WRITE_WINS', conflict_policy => 'apply_remote')");
 ok($c->poll_query_until('postgres', "SELECT count(*) > 0 FROM cases_off"),
 	'C: with apply_remote it applies the topic');
+
+# a snapshot needs no commit timestamps: its records then carry the Unix
+# epoch, older than any change
+$c->safe_psql('postgres', q{
+	CREATE TABLE snap_off (id int PRIMARY KEY, v text);
+	INSERT INTO snap_off SELECT g, 'v' || g FROM generate_series(1, 100) g;
+	SELECT kafka_bridge.publish('snap_off', topic => 'regress_cases_snap_off')});
+ok($c->poll_query_until('postgres', "SELECT state = 'done' AND rows_done = 100 FROM kafka_bridge.snapshots"),
+	'C: with track_commit_timestamp off, a snapshot publishes the rows');
+my @snap = kafka_scan('regress_cases_snap_off');
+is(scalar(grep { ($_->{headers}{commit_time} // '') eq '1970-01-01T00:00:00+00:00' } @snap), 100,
+	'C: each snapshot record carries the Unix epoch as its commit time');
 $c->stop;
 
 $node{$_}->stop for qw(A B);
