@@ -7,7 +7,8 @@
 # PGDATABASE are set, and say, sql, now, published and start_instance are
 # defined.  BENCH_PG_SETTINGS, set before sourcing, holds extra
 # postgresql.conf lines for every instance; start_instance starts more
-# instances (bench/apply runs two).
+# instances (bench/apply runs two).  KB_BENCH_KEEP=1 keeps the instances'
+# data directories and logs (WORK) for a look afterwards.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PGBIN=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
@@ -23,7 +24,7 @@ if [ "$(id -u)" = 0 ]; then
 	chown -R postgres: "$COPY"
 	set +e
 	runuser -u postgres -- env PATH="$PATH" KAFKA_BRIDGE_CACHE="$KAFKA_BRIDGE_CACHE" HOME="$COPY" \
-		KB_BENCH_PROFILE="${KB_BENCH_PROFILE:-}" "$COPY/bench/$BENCH" "$@"
+		KB_BENCH_PROFILE="${KB_BENCH_PROFILE:-}" KB_BENCH_KEEP="${KB_BENCH_KEEP:-}" "$COPY/bench/$BENCH" "$@"
 	rc=$?
 	set -e
 	mkdir -p "$REPO/bench/results"
@@ -49,7 +50,8 @@ cleanup() {
 		pg_ctl -D "$dir" -m immediate stop >/dev/null 2>&1 || true
 	done
 	"$REPO/scripts/kafka" stop --wipe >/dev/null 2>&1 || true
-	rm -rf "$WORK"
+	if [ -n "${KB_BENCH_KEEP:-}" ]; then say "kept the instances' data and logs in $WORK"
+	else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 

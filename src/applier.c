@@ -1360,7 +1360,7 @@ kb_applier_loop(int status_slot, const char *dbname)
 			}
 		}
 		if (ap.client)
-			kb_kafka_client_poll(ap.client);
+			kb_kafka_client_poll(ap.client, 0);
 
 		/* idle: sleep until woken; busy: only look whether a subscription changed */
 		if (WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

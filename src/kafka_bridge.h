@@ -175,7 +175,7 @@ extern KbKafkaClient *kb_kafka_client_create(KbClientRole role,
 extern rd_kafka_t *kb_kafka_client_handle(KbKafkaClient *client);
 extern const char *kb_kafka_client_last_error(KbKafkaClient *client);
 extern void kb_kafka_client_destroy(KbKafkaClient *client);
-extern void kb_kafka_client_poll(KbKafkaClient *client);
+extern void kb_kafka_client_poll(KbKafkaClient *client, int timeout_ms);
 extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 								  char *brokers, size_t brokers_size,
 								  char *error, size_t error_size);
@@ -213,7 +213,16 @@ extern bool kb_publisher_failed(KbPublisher *pub);
 
 /* ---- snapshot.c ---- */
 
-extern bool kb_snapshot_step(KbPublisher *pub, int status_slot);
+/* what the publisher's loop does next for snapshots */
+typedef enum KbSnapshotWork
+{
+	KB_SNAPSHOT_NONE,			/* nothing to do */
+	KB_SNAPSHOT_WAITING,		/* chunks wait for their acknowledgements, or
+								 * a look for snapshots to run is due soon */
+	KB_SNAPSHOT_READY			/* a chunk may run at once */
+} KbSnapshotWork;
+
+extern KbSnapshotWork kb_snapshot_step(KbPublisher *pub, int status_slot);
 extern void kb_snapshot_forget(void);
 extern void kb_snapshot_wake(void);
 

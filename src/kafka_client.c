@@ -187,11 +187,14 @@ kb_kafka_client_handle(KbKafkaClient *client)
 	return client->rk;
 }
 
-/* Serve callbacks (errors, logs, delivery reports) without blocking. */
+/*
+ * Serve callbacks (errors, logs, delivery reports), waiting up to
+ * timeout_ms for the first one.
+ */
 void
-kb_kafka_client_poll(KbKafkaClient *client)
+kb_kafka_client_poll(KbKafkaClient *client, int timeout_ms)
 {
-	rd_kafka_poll(client->rk, 0);
+	rd_kafka_poll(client->rk, timeout_ms);
 }
 
 /*

@@ -916,10 +916,12 @@ run_step(StepWork work, KbPublisher *pub, int status_slot, InFlight *f, XLogRecP
  * The snapshot work of one turn of the publisher's loop: take note of the
  * chunks Kafka acknowledged, then run the next chunk of a pending snapshot
  * if decoding stands at a boundary (kb_publisher_boundary) and not too
- * many chunks wait for acknowledgements.  Returns true while a snapshot
- * remains to be done, so that the worker comes back without sleeping.
+ * many chunks wait for acknowledgements.  Says what the loop should do
+ * next: come back at once (a chunk may run), wait for acknowledgements
+ * (without spinning: the broker and the producer's threads need the CPU),
+ * or nothing.
  */
-bool
+KbSnapshotWork
 kb_snapshot_step(KbPublisher *pub, int status_slot)
 {
 	static TimestampTz next_look = 0;
@@ -927,16 +929,17 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 	static bool busy = false;
 	XLogRecPtr	boundary;
 	TimestampTz now;
+	KbSnapshotWork idle;
 
 	if (snapshot_cxt == NULL)
 		kb_snapshot_forget();
 	/* records may be lost: nothing counts as acknowledged until it restarts */
 	if (kb_publisher_failed(pub))
-		return false;
+		return KB_SNAPSHOT_NONE;
 	if (need_reset)
 	{
 		if (!run_step(STEP_RESET, pub, status_slot, NULL, InvalidXLogRecPtr, &busy))
-			return false;
+			return KB_SNAPSHOT_NONE;
 		need_reset = false;
 	}
 
@@ -962,16 +965,19 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 			pfree(DatumGetPointer(f->upto));
 		pfree(f);
 	}
+	idle = in_flight != NIL ? KB_SNAPSHOT_WAITING : KB_SNAPSHOT_NONE;
 	if (list_length(in_flight) >= KB_SNAPSHOT_MAX_IN_FLIGHT)
-		return true;
+		return KB_SNAPSHOT_WAITING;
 
 	now = GetCurrentTimestamp();
-	if (now < next_look &&
-		!(woken && now >= TimestampTzPlusMilliseconds(last_look, KB_SNAPSHOT_WOKEN_LOOK_MS)))
-		return in_flight != NIL;
+	if (now < next_look && !woken)
+		return idle;
+	/* woken too soon after the last look: come back shortly, not at next_look */
+	if (now < next_look && now < TimestampTzPlusMilliseconds(last_look, KB_SNAPSHOT_WOKEN_LOOK_MS))
+		return KB_SNAPSHOT_WAITING;
 	boundary = kb_publisher_boundary(pub);
 	if (boundary == InvalidXLogRecPtr)
-		return busy || in_flight != NIL;
+		return busy ? KB_SNAPSHOT_READY : idle;
 	woken = false;
 	last_look = now;
 	if (!run_step(STEP_CHUNK, pub, status_slot, NULL, boundary, &busy))
@@ -979,7 +985,12 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 		next_look = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
 		busy = false;
 	}
-	if (!busy)
+	/* while a snapshot runs, its next chunk is due at once */
+	if (busy)
+		next_look = 0;
+	else
 		next_look = Max(next_look, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_SNAPSHOT_LOOK_MS));
-	return busy || in_flight != NIL;
+	if (busy)
+		return list_length(in_flight) >= KB_SNAPSHOT_MAX_IN_FLIGHT ? KB_SNAPSHOT_WAITING : KB_SNAPSHOT_READY;
+	return in_flight != NIL ? KB_SNAPSHOT_WAITING : KB_SNAPSHOT_NONE;
 }

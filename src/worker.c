@@ -237,7 +237,7 @@ worker_loop(const char *dbname)
 	{
 		TimestampTz now;
 		long		nap;
-		bool		snapshot_busy;
+		KbSnapshotWork snapshot;
 
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(loop_cxt);
@@ -263,18 +263,29 @@ worker_loop(const char *dbname)
 			kb_snapshot_forget();
 		}
 
-		snapshot_busy = false;
+		snapshot = KB_SNAPSHOT_NONE;
 		if (w.pub)
 			publish_step(&w);
 		else if (w.client)
-			kb_kafka_client_poll(w.client);
+			kb_kafka_client_poll(w.client, 0);
 		/* a chunk of a table's snapshot between two rounds of decoding */
 		if (w.pub)
-			snapshot_busy = kb_snapshot_step(w.pub, my_slot);
+			snapshot = kb_snapshot_step(w.pub, my_slot);
 
-		/* no sleep while WAL or a snapshot waits; short naps while acknowledgements do */
-		if (w.pub && (!kb_publisher_caught_up(w.pub) || snapshot_busy))
+		/*
+		 * No sleep while WAL or a snapshot chunk waits.  While only a
+		 * snapshot's acknowledgements do, wait for them in the producer
+		 * (a loop that polled without waiting would take the CPU the
+		 * producer's threads and a local broker need).  Short naps while
+		 * the stream's acknowledgements do.
+		 */
+		if (w.pub && (!kb_publisher_caught_up(w.pub) || snapshot == KB_SNAPSHOT_READY))
 			nap = 0;
+		else if (w.pub && snapshot == KB_SNAPSHOT_WAITING)
+		{
+			kb_kafka_client_poll(w.client, 10);
+			nap = 0;
+		}
 		else if (w.pub && kb_publisher_pending(w.pub))
 			nap = 10;
 		else
