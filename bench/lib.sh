@@ -4,8 +4,8 @@
 #
 # A benchmark sets BENCH (its file name) and sources this file with its own
 # arguments; afterwards WORK, BOOTSTRAP, RESULTS_DIR and PGHOST / PGPORT /
-# PGDATABASE are set, and say, sql, now, published and start_instance are
-# defined.  BENCH_PG_SETTINGS, set before sourcing, holds extra
+# PGDATABASE are set, and say, sql, now, published, start_instance and
+# warm_broker are defined, and KCAT_PRODUCER holds kcat's producer options.  BENCH_PG_SETTINGS, set before sourcing, holds extra
 # postgresql.conf lines for every instance; start_instance starts more
 # instances (bench/apply runs two).  KB_BENCH_KEEP=1 keeps the instances'
 # data directories and logs (WORK) for a look afterwards.
@@ -89,6 +89,20 @@ start_instance() {
 	PGPORT=$port createdb bench
 	PGPORT=$port sql "CREATE EXTENSION kafka_bridge"
 	until [ "$(PGPORT=$port sql "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'")" -ge 1 ]; do sleep 0.2; done
+}
+
+# The producer settings kafka_bridge runs with here (its defaults plus
+# linger.ms=5, see start_instance), for the kcat pipelines it is compared
+# with: the same guarantees and the same compression.
+KCAT_PRODUCER=(-X acks=all -X enable.idempotence=true -X linger.ms=5 -X compression.type=lz4)
+
+# A fresh broker runs its first large load slower, while the JVM compiles
+# its hot paths: whichever pipeline a benchmark measured first would pay
+# for that.  Warm it up with 1M records of about 250 bytes first.
+warm_broker() {
+	say "[warm-up] 1,000,000 records through the broker"
+	awk 'BEGIN { pad = sprintf("%240s", ""); for (i = 1; i <= 1000000; i++) print i pad }' |
+		kcat -P -b "$BOOTSTRAP" -t bench_warmup -q "${KCAT_PRODUCER[@]}"
 }
 
 start_instance "$PGDATA" "$PGPORT" bench

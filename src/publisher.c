@@ -77,6 +77,9 @@ struct KbPublisher
 	XLogRecPtr	confirmed;		/* last position given to the slot */
 	XLogRecPtr	saved;			/* last confirmed position written to disk */
 	TimestampTz saved_at;
+	uint64		acknowledged;	/* records acknowledged, not yet counted in
+								 * the status (one atomic add per poll, not
+								 * per record) */
 	bool		failed;			/* a delivery failed: start again */
 	char		failure[512];
 	XLogRecPtr	step_target;	/* the WAL end the last step decoded towards */
@@ -123,7 +126,17 @@ kb_publisher_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void
 		return;
 	}
 	txn->outstanding--;
-	pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published, 1);
+	pub->acknowledged++;
+}
+
+/* Count the records acknowledged since the last call in the status. */
+static void
+report_acknowledged(KbPublisher *pub)
+{
+	if (pub->acknowledged == 0)
+		return;
+	pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published, pub->acknowledged);
+	pub->acknowledged = 0;
 }
 
 static void
@@ -266,6 +279,7 @@ produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
 			waiting = true;
 		}
 		rd_kafka_poll(rk, 50);
+		report_acknowledged(pub);
 		if (kb_kafka_client_last_error(pub->client)[0])
 			kb_status_set_error(pub->status_slot, KB_STATE_ERROR, "cannot reach Kafka at \"%s\": %s",
 								kb_bootstrap_servers, kb_kafka_client_last_error(pub->client));
@@ -439,6 +453,7 @@ kb_publisher_stop(KbPublisher *pub)
 {
 	if (pub == NULL)
 		return;
+	report_acknowledged(pub);
 	for (int i = 0; i < pub->ntopics; i++)
 		rd_kafka_topic_destroy(pub->topics[i].rkt);
 	if (pub->ctx)
@@ -537,6 +552,7 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 		}
 	}
 	rd_kafka_poll(rk, 0);
+	report_acknowledged(pub);
 	/* decoding may also have left TopMemoryContext current */
 	MemoryContextSwitchTo(caller_cxt);
 
