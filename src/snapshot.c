@@ -985,12 +985,12 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 		next_look = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
 		busy = false;
 	}
-	/* while a snapshot runs, its next chunk is due at once */
 	if (busy)
+	{
+		/* while a snapshot runs, its next chunk is due at once */
 		next_look = 0;
-	else
-		next_look = Max(next_look, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_SNAPSHOT_LOOK_MS));
-	if (busy)
 		return list_length(in_flight) >= KB_SNAPSHOT_MAX_IN_FLIGHT ? KB_SNAPSHOT_WAITING : KB_SNAPSHOT_READY;
+	}
+	next_look = Max(next_look, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_SNAPSHOT_LOOK_MS));
 	return in_flight != NIL ? KB_SNAPSHOT_WAITING : KB_SNAPSHOT_NONE;
 }
