@@ -58,6 +58,13 @@ trap cleanup EXIT
 say() { printf '%s\n' "$*" >&2; }
 sql() { psql -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
 now() { date +%s.%N; }
+# wait_for SQL: return once the boolean SQL is true, polled every 10 ms from
+# one session (a psql started 20 times a second, with its backend, takes a
+# few percent of the machine from the pipeline it times: the kcat pipelines
+# pay nothing alike)
+wait_for() {
+	sql "DO \$kb\$ BEGIN WHILE NOT coalesce(($1), false) LOOP PERFORM pg_sleep(0.01); END LOOP; END \$kb\$"
+}
 # records acknowledged so far, over every worker
 published() { sql "SELECT coalesce(sum(events_published), 0) FROM kafka_bridge.worker_status()"; }
 

@@ -26,9 +26,15 @@
  * database does not retain WAL.  Any failed delivery drops the decoding
  * context and the producer: the worker starts again from the confirmed
  * position (at-least-once; the apply side recognises replays).
+ *
+ * Acknowledgements are served by a thread of the producer's client
+ * (kafka_client.c), not by the worker's own: the delivery callback only
+ * counts down atomics and records a failure, and the worker reads them.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <pthread.h>
 
 #include "access/xact.h"
 #include "access/xlog.h"
@@ -58,7 +64,8 @@ typedef struct PendingTxn
 	dlist_node	node;
 	XLogRecPtr	end_lsn;		/* commit end; valid once committed */
 	bool		committed;		/* its commit frame was seen */
-	int64		outstanding;	/* records produced, not acknowledged */
+	bool		wake;			/* a batch: wake the worker once acknowledged */
+	pg_atomic_uint64 outstanding;	/* records produced, not acknowledged */
 } PendingTxn;
 
 #define KB_TOPIC_HANDLES 32
@@ -77,11 +84,15 @@ struct KbPublisher
 	XLogRecPtr	confirmed;		/* last position given to the slot */
 	XLogRecPtr	saved;			/* last confirmed position written to disk */
 	TimestampTz saved_at;
-	uint64		acknowledged;	/* records acknowledged, not yet counted in
-								 * the status (one atomic add per poll, not
-								 * per record) */
-	bool		failed;			/* a delivery failed: start again */
-	char		failure[512];
+	/* written by the thread serving acknowledgements too: */
+	pg_atomic_uint64 acknowledged;	/* records acknowledged, not yet counted
+									 * in the status (one add to shared memory
+									 * per step, not per record) */
+	pg_atomic_uint32 room_wanted;	/* the worker waits for room in the
+									 * producer queue */
+	pg_atomic_uint32 failed;	/* a delivery failed: start again */
+	pthread_mutex_t failure_lock;
+	char		failure[512];	/* why, under failure_lock */
 	XLogRecPtr	step_target;	/* the WAL end the last step decoded towards */
 	/* topic handles, so that producing does not look each topic up by name */
 	int			ntopics;
@@ -104,39 +115,75 @@ slot_name_for(char *buf, Oid dboid)
 }
 
 /*
- * Called by librdkafka (from rd_kafka_poll, on the worker's thread) once per
- * record: acknowledged by the brokers, or failed for good.
+ * Fail the publisher, saying why, unless it failed already: the worker
+ * starts it again.  Callable from either thread (no PostgreSQL code).
+ */
+static void
+set_failure(KbPublisher *pub, const char *fmt,...) pg_attribute_printf(2, 3);
+
+static void
+set_failure(KbPublisher *pub, const char *fmt,...)
+{
+	va_list		args;
+
+	pthread_mutex_lock(&pub->failure_lock);
+	if (!pg_atomic_read_u32(&pub->failed))
+	{
+		va_start(args, fmt);
+		vsnprintf(pub->failure, sizeof(pub->failure), fmt, args);
+		va_end(args);
+		pg_atomic_write_u32(&pub->failed, 1);
+	}
+	pthread_mutex_unlock(&pub->failure_lock);
+}
+
+static inline bool
+is_failed(KbPublisher *pub)
+{
+	return pg_atomic_read_u32(&pub->failed) != 0;
+}
+
+/*
+ * Called by librdkafka once per record, acknowledged by the brokers or
+ * failed for good, on the thread that serves the producer's main queue
+ * (kafka_client.c): no PostgreSQL code here.  The count down of the
+ * record's transaction is the last touch of it: the worker frees it once
+ * it reads zero.
  */
 void
 kb_publisher_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
 {
 	KbPublisher *pub = current;
 	PendingTxn *txn = (PendingTxn *) msg->_private;
+	bool		wake;
 
 	if (pub == NULL || txn == NULL)
 		return;
 	if (msg->err)
 	{
-		if (!pub->failed)
-			snprintf(pub->failure, sizeof(pub->failure),
-					 "delivery to topic \"%s\" partition %d failed: %s",
-					 rd_kafka_topic_name(msg->rkt), msg->partition,
-					 rd_kafka_err2str(msg->err));
-		pub->failed = true;
+		set_failure(pub, "delivery to topic \"%s\" partition %d failed: %s",
+					rd_kafka_topic_name(msg->rkt), msg->partition,
+					rd_kafka_err2str(msg->err));
+		kb_kafka_client_wake(pub->client);
 		return;
 	}
-	txn->outstanding--;
-	pub->acknowledged++;
+	pg_atomic_fetch_add_u64(&pub->acknowledged, 1);
+	wake = txn->wake;
+	if (pg_atomic_sub_fetch_u64(&txn->outstanding, 1) == 0 && wake)
+		kb_kafka_client_wake(pub->client);
+	else if (pg_atomic_read_u32(&pub->room_wanted) &&
+			 pg_atomic_exchange_u32(&pub->room_wanted, 0))
+		kb_kafka_client_wake(pub->client);
 }
 
 /* Count the records acknowledged since the last call in the status. */
 static void
 report_acknowledged(KbPublisher *pub)
 {
-	if (pub->acknowledged == 0)
-		return;
-	pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published, pub->acknowledged);
-	pub->acknowledged = 0;
+	uint64		n = pg_atomic_exchange_u64(&pub->acknowledged, 0);
+
+	if (n > 0)
+		pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published, n);
 }
 
 static void
@@ -158,6 +205,7 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 			 bool compact)
 {
 	int			i;
+	char		why[512];
 
 	for (i = 0; i < pub->ntopics; i++)
 		if (pub->topics[i].len == len && memcmp(pub->topics[i].name, name, len) == 0)
@@ -172,10 +220,9 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 	memcpy(pub->topics[i].name, name, len);
 	pub->topics[i].name[len] = '\0';
 	pub->topics[i].len = len;
-	if (!kb_kafka_create_topic(rk, pub->topics[i].name, compact,
-							   pub->failure, sizeof(pub->failure)))
+	if (!kb_kafka_create_topic(rk, pub->topics[i].name, compact, why, sizeof(why)))
 	{
-		pub->failed = true;
+		set_failure(pub, "%s", why);
 		return NULL;
 	}
 	pub->ntopics++;
@@ -228,7 +275,7 @@ produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
 	 * by the row (a JSON object): not for flat records, keyed by event type,
 	 * of which compaction would keep one per type.
 	 */
-	rkt = pub->failed ? NULL :
+	rkt = is_failed(pub) ? NULL :
 		topic_handle(pub, rk, topic, topic_len, row_topic && key_len > 0 && key[0] == '{');
 	if (rkt == NULL)
 	{
@@ -242,12 +289,15 @@ produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
 		MemoryContext old = MemoryContextSwitchTo(pub->cxt);
 
 		pub->open_txn = palloc0(sizeof(PendingTxn));
+		pg_atomic_init_u64(&pub->open_txn->outstanding, 0);
 		dlist_push_tail(&pub->pending, &pub->open_txn->node);
 		MemoryContextSwitchTo(old);
 	}
 	if (batch == NULL)
 		batch = pub->open_txn;
 
+	/* counted before it can be acknowledged */
+	pg_atomic_fetch_add_u64(&batch->outstanding, 1);
 	for (;;)
 	{
 		/* a record without headers (most sends) needs no header list */
@@ -278,7 +328,9 @@ produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
 						  "waiting for the broker: the producer queue is full");
 			waiting = true;
 		}
-		rd_kafka_poll(rk, 50);
+		/* until an acknowledgement makes room (or 50 ms) */
+		pg_atomic_write_u32(&pub->room_wanted, 1);
+		kb_kafka_client_poll(pub->client, 50);
 		report_acknowledged(pub);
 		if (kb_kafka_client_last_error(pub->client)[0])
 			kb_status_set_error(pub->status_slot, KB_STATE_ERROR, "cannot reach Kafka at \"%s\": %s",
@@ -303,15 +355,12 @@ produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
 	}
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
+		pg_atomic_fetch_sub_u64(&batch->outstanding, 1);
 		if (headers)
 			rd_kafka_headers_destroy(headers);
-		if (!pub->failed)
-			snprintf(pub->failure, sizeof(pub->failure),
-					 "cannot produce to topic \"%s\": %s", rd_kafka_topic_name(rkt), rd_kafka_err2str(err));
-		pub->failed = true;
-		return;
+		set_failure(pub, "cannot produce to topic \"%s\": %s", rd_kafka_topic_name(rkt),
+					rd_kafka_err2str(err));
 	}
-	batch->outstanding++;
 }
 
 /* The plugin wrote one frame into ctx->out. */
@@ -439,7 +488,12 @@ kb_publisher_start(int status_slot, KbKafkaClient *client)
 	XLogBeginRead(pub->ctx->reader, MyReplicationSlot->data.restart_lsn);
 	pub->confirmed = MyReplicationSlot->data.confirmed_flush;
 	pub->saved = pub->confirmed;
+	pg_atomic_init_u64(&pub->acknowledged, 0);
+	pg_atomic_init_u32(&pub->room_wanted, 0);
+	pg_atomic_init_u32(&pub->failed, 0);
+	pthread_mutex_init(&pub->failure_lock, NULL);
 	current = pub;
+	kb_kafka_client_serve_in_thread(client);
 
 	ereport(LOG,
 			(errmsg("kafka_bridge is publishing from replication slot \"%s\" at %X/%X",
@@ -453,6 +507,8 @@ kb_publisher_stop(KbPublisher *pub)
 {
 	if (pub == NULL)
 		return;
+	/* no acknowledgement is served from here on, until the next poll */
+	kb_kafka_client_serve_here(pub->client);
 	report_acknowledged(pub);
 	for (int i = 0; i < pub->ntopics; i++)
 		rd_kafka_topic_destroy(pub->topics[i].rkt);
@@ -481,7 +537,7 @@ confirm_acknowledged(KbPublisher *pub)
 	{
 		PendingTxn *head = dlist_head_element(PendingTxn, node, &pub->pending);
 
-		if (!head->committed || head->outstanding > 0)
+		if (!head->committed || pg_atomic_read_u64(&head->outstanding) > 0)
 			break;
 		target = head->end_lsn;
 		dlist_delete(&head->node);
@@ -521,7 +577,6 @@ confirm_acknowledged(KbPublisher *pub)
 bool
 kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_size)
 {
-	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
 	XLogRecPtr	end_of_wal = GetFlushRecPtr(NULL);
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), budget_ms);
 	uint64		records = 0;
@@ -532,7 +587,7 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 		pgstat_report_activity(STATE_RUNNING, "decoding and publishing changes");
 	MemoryContextSwitchTo(pub->decode_cxt);
 
-	while (!pub->failed && pub->ctx->reader->EndRecPtr < end_of_wal)
+	while (!is_failed(pub) && pub->ctx->reader->EndRecPtr < end_of_wal)
 	{
 		char	   *errm = NULL;
 		XLogRecord *record = XLogReadRecord(pub->ctx->reader, &errm);
@@ -546,19 +601,21 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 		CHECK_FOR_INTERRUPTS();
 		if ((++records & 1023) == 0)
 		{
-			rd_kafka_poll(rk, 0);
+			kb_kafka_client_poll(pub->client, 0);
 			if (GetCurrentTimestamp() >= deadline)
 				break;
 		}
 	}
-	rd_kafka_poll(rk, 0);
+	kb_kafka_client_poll(pub->client, 0);
 	report_acknowledged(pub);
 	/* decoding may also have left TopMemoryContext current */
 	MemoryContextSwitchTo(caller_cxt);
 
-	if (pub->failed)
+	if (is_failed(pub))
 	{
+		pthread_mutex_lock(&pub->failure_lock);
 		strlcpy(error, pub->failure, error_size);
+		pthread_mutex_unlock(&pub->failure_lock);
 		return false;
 	}
 	confirm_acknowledged(pub);
@@ -590,7 +647,7 @@ kb_publisher_caught_up(KbPublisher *pub)
 XLogRecPtr
 kb_publisher_boundary(KbPublisher *pub)
 {
-	if (pub->failed || pub->ctx->reader->EndRecPtr < pub->step_target)
+	if (is_failed(pub) || pub->ctx->reader->EndRecPtr < pub->step_target)
 		return InvalidXLogRecPtr;
 	return pub->ctx->reader->EndRecPtr;
 }
@@ -600,7 +657,11 @@ KbPublishBatch *
 kb_publisher_batch_new(KbPublisher *pub)
 {
 	/* in pub->cxt: acknowledgements may come after the batch is given up */
-	return (KbPublishBatch *) MemoryContextAllocZero(pub->cxt, sizeof(PendingTxn));
+	PendingTxn *batch = MemoryContextAllocZero(pub->cxt, sizeof(PendingTxn));
+
+	pg_atomic_init_u64(&batch->outstanding, 0);
+	batch->wake = true;
+	return (KbPublishBatch *) batch;
 }
 
 /* Produce a record frame (the output plugin's layout, tag included) in batch. */
@@ -615,14 +676,14 @@ kb_publisher_produce_frame(KbPublisher *pub, StringInfo frame, KbPublishBatch *b
 bool
 kb_publisher_failed(KbPublisher *pub)
 {
-	return pub->failed;
+	return is_failed(pub);
 }
 
 /* Whether every record of batch is acknowledged. */
 bool
 kb_publisher_batch_acknowledged(KbPublishBatch *batch)
 {
-	return ((PendingTxn *) batch)->outstanding == 0;
+	return pg_atomic_read_u64(&((PendingTxn *) batch)->outstanding) == 0;
 }
 
 /*

@@ -573,7 +573,7 @@ kb_define_settings(void)
 
 	DefineCustomIntVariable("kafka_bridge.snapshot_chunk_rows",
 							"Most rows one chunk of a snapshot reads.",
-							"Each chunk holds a SHARE lock on the table until Kafka acknowledged its rows.",
+							"Each chunk holds a SHARE lock on the table while it reads its rows; Kafka's acknowledgements are awaited after it commits.",
 							&kb_snapshot_chunk_rows, 50000, 1, 10000000,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);

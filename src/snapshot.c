@@ -71,6 +71,7 @@
 #include "catalog/pg_inherits.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "nodes/params.h"
 #include "libpq/pqformat.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -79,6 +80,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
+#include "utils/datum.h"
 #include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
@@ -93,7 +95,8 @@
 #include "event_codec.h"
 #include "kafka_bridge.h"
 
-#define KB_SNAPSHOT_FETCH_ROWS 1000
+/* how often a chunk looks at the clock (and for interrupts), in rows */
+#define KB_SNAPSHOT_CHECK_ROWS 1000
 /* how long a chunk waits for the lock */
 #define KB_SNAPSHOT_LOCK_TIMEOUT "100ms"
 /* how many chunks may wait for their acknowledgements at once */
@@ -278,6 +281,9 @@ typedef struct Chunk
 	KbPublishBatch *batch;
 	int64		rows;
 	bool		exhausted;		/* no row is left after this chunk */
+	/* the commit_time header of the last xmin seen (rows come in runs) */
+	TransactionId time_xmin;
+	char		commit_time[MAXDATELEN + 1];
 } Chunk;
 
 /*
@@ -389,7 +395,6 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionI
 	int			value_start;
 	uint32		len;
 	char		seq[16];
-	char		commit_time[MAXDATELEN + 1];
 
 	snprintf(seq, sizeof(seq), "%lld", (long long) ++c->rows);
 	resetStringInfo(f);
@@ -417,14 +422,18 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionI
 	kb_send_header(f, KB_HEADER_ORIGIN, kb_instance_id());
 	kb_send_header(f, KB_HEADER_LSN, c->lsn);
 	kb_send_header(f, KB_HEADER_SEQ, seq);
-	row_commit_time(xmin, commit_time);
-	kb_send_header(f, KB_HEADER_COMMIT_TIME, commit_time);
+	if (xmin != c->time_xmin || c->commit_time[0] == '\0')
+	{
+		row_commit_time(xmin, c->commit_time);
+		c->time_xmin = xmin;
+	}
+	kb_send_header(f, KB_HEADER_COMMIT_TIME, c->commit_time);
 	kb_publisher_produce_frame(pub, f, c->batch);
 }
 
-/* The key of a row as text, column by column: the new snapshot_upto. */
+/* The key of a row (its key columns' values) as text: the new snapshot_upto. */
 static char **
-key_text(Chunk *c, Datum *values)
+key_text(Chunk *c, Datum *key)
 {
 	char	  **text = palloc(sizeof(char *) * c->key.nkeys);
 	TupleDesc	desc = RelationGetDescr(c->rel);
@@ -436,18 +445,18 @@ key_text(Chunk *c, Datum *values)
 		bool		varlena;
 
 		getTypeOutputInfo(att->atttypid, &output, &varlena);
-		text[i] = OidOutputFunctionCall(output, values[c->key.attnums[i] - 1]);
+		text[i] = OidOutputFunctionCall(output, key[i]);
 	}
 	return text;
 }
 
 /*
- * The query of a chunk: the rows above snapshot_upto, in key order, as
- * whole-row values (which keep the table's descriptor, dropped columns
- * included).  Fills the parameters from snapshot_upto.
+ * The query of a chunk: the rows above snapshot_upto, in key order, each
+ * column the table has (in *columns, its attribute numbers) then the row's
+ * xmin.  Fills the parameters from snapshot_upto.
  */
 static char *
-chunk_query(Chunk *c, int *nargs, Oid **types, Datum **values)
+chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params_out)
 {
 	TupleDesc	desc = RelationGetDescr(c->rel);
 	StringInfoData sql;
@@ -459,17 +468,29 @@ chunk_query(Chunk *c, int *nargs, Oid **types, Datum **values)
 		from_start = c->upto[i] == NULL;
 
 	initStringInfo(&sql);
-	appendStringInfo(&sql, "SELECT kb_row, kb_row.xmin FROM %s kb_row",
+	appendStringInfoString(&sql, "SELECT ");
+	*columns = palloc(sizeof(AttrNumber) * Max(desc->natts, 1));
+	*ncolumns = 0;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (att->attisdropped)
+			continue;
+		appendStringInfo(&sql, "kb_row.%s, ", quote_identifier(NameStr(att->attname)));
+		(*columns)[(*ncolumns)++] = att->attnum;
+	}
+	appendStringInfo(&sql, "kb_row.xmin FROM %s kb_row",
 					 quote_qualified_identifier(get_namespace_name(RelationGetNamespace(c->rel)),
 												RelationGetRelationName(c->rel)));
-	*nargs = 0;
+	*params_out = NULL;
 	if (c->key.nkeys == 0)
 		return sql.data;
 
 	initStringInfo(&cols);
 	initStringInfo(&params);
-	*types = palloc(sizeof(Oid) * c->key.nkeys);
-	*values = palloc(sizeof(Datum) * c->key.nkeys);
+	if (!from_start)
+		*params_out = makeParamList(c->key.nkeys);
 	for (int i = 0; i < c->key.nkeys; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, c->key.attnums[i] - 1);
@@ -485,17 +506,93 @@ chunk_query(Chunk *c, int *nargs, Oid **types, Datum **values)
 			Oid			ioparam;
 
 			getTypeInputInfo(att->atttypid, &input, &ioparam);
-			(*types)[i] = att->atttypid;
-			(*values)[i] = OidInputFunctionCall(input, c->upto[i], ioparam, att->atttypmod);
+			(*params_out)->params[i].ptype = att->atttypid;
+			(*params_out)->params[i].pflags = PARAM_FLAG_CONST;
+			(*params_out)->params[i].isnull = false;
+			(*params_out)->params[i].value = OidInputFunctionCall(input, c->upto[i], ioparam,
+																 att->atttypmod);
 		}
 	}
 	if (!from_start)
-	{
-		*nargs = c->key.nkeys;
 		appendStringInfo(&sql, " WHERE (%s) > (%s)", cols.data, params.data);
-	}
 	appendStringInfo(&sql, " ORDER BY %s LIMIT %d", cols.data, kb_snapshot_chunk_rows);
 	return sql.data;
+}
+
+/*
+ * Where the chunk's query sends its rows: each is produced as it comes,
+ * without SPI's copy of the result.
+ */
+typedef struct ChunkReceiver
+{
+	DestReceiver dest;			/* first: the executor's view */
+	KbPublisher *pub;
+	Chunk	   *c;
+	int			ncolumns;		/* the query's columns but xmin ... */
+	AttrNumber *columns;		/* ... and their attribute numbers */
+	Datum	   *values;			/* the row by attribute number (a dropped */
+	bool	   *nulls;			/* column stays null) */
+	MemoryContext row_cxt;
+	/* the key of the last row, for snapshot_upto */
+	MemoryContext key_cxt;
+	Datum	   *last_key;
+	TimestampTz deadline;
+	bool		stopped;		/* at the deadline, rows left behind */
+} ChunkReceiver;
+
+static bool
+chunk_receive(TupleTableSlot *slot, DestReceiver *self)
+{
+	ChunkReceiver *r = (ChunkReceiver *) self;
+	Chunk	   *c = r->c;
+	MemoryContext old;
+
+	slot_getallattrs(slot);
+	for (int i = 0; i < r->ncolumns; i++)
+	{
+		r->values[r->columns[i] - 1] = slot->tts_values[i];
+		r->nulls[r->columns[i] - 1] = slot->tts_isnull[i];
+	}
+	old = MemoryContextSwitchTo(r->row_cxt);
+	produce_row(r->pub, c, r->values, r->nulls,
+				DatumGetTransactionId(slot->tts_values[r->ncolumns]));
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(r->row_cxt);
+	if (c->key.nkeys > 0)
+	{
+		MemoryContextReset(r->key_cxt);
+		old = MemoryContextSwitchTo(r->key_cxt);
+		for (int i = 0; i < c->key.nkeys; i++)
+		{
+			Form_pg_attribute att = TupleDescAttr(RelationGetDescr(c->rel),
+												  c->key.attnums[i] - 1);
+
+			r->last_key[i] = datumCopy(r->values[c->key.attnums[i] - 1],
+									   att->attbyval, att->attlen);
+		}
+		MemoryContextSwitchTo(old);
+	}
+	if (c->rows % KB_SNAPSHOT_CHECK_ROWS == 0)
+	{
+		CHECK_FOR_INTERRUPTS();
+		/* a table without a key cannot stop half-way */
+		if (c->key.nkeys > 0 && GetCurrentTimestamp() >= r->deadline)
+		{
+			r->stopped = true;
+			return false;
+		}
+	}
+	return true;
+}
+
+static void
+chunk_startup(DestReceiver *self, int operation, TupleDesc typeinfo)
+{
+}
+
+static void
+chunk_shutdown(DestReceiver *self)
+{
 }
 
 /* Read the chunk's rows and produce them; sets c->rows and c->exhausted. */
@@ -503,61 +600,39 @@ static char **
 produce_chunk(KbPublisher *pub, Chunk *c)
 {
 	TupleDesc	desc = RelationGetDescr(c->rel);
-	int			nargs;
-	Oid		   *types = NULL;
-	Datum	   *params = NULL;
-	char	   *sql = chunk_query(c, &nargs, &types, &params);
-	Portal		portal;
-	Datum	   *values = palloc(sizeof(Datum) * Max(desc->natts, 1));
-	bool	   *nulls = palloc(sizeof(bool) * Max(desc->natts, 1));
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), kb_snapshot_chunk_time);
-	MemoryContext row_cxt = AllocSetContextCreate(CurrentMemoryContext, "kafka_bridge snapshot row",
-												  ALLOCSET_DEFAULT_SIZES);
-	char	  **upto = NULL;
+	ChunkReceiver r = {0};
+	SPIExecuteOptions options = {0};
+	char	   *sql;
+	char	  **upto;
 
-	portal = SPI_cursor_open_with_args(NULL, sql, nargs, types, params, NULL, true, 0);
-	for (;;)
-	{
-		uint64		n;
+	sql = chunk_query(c, &r.ncolumns, &r.columns, &options.params);
+	r.dest.receiveSlot = chunk_receive;
+	r.dest.rStartup = chunk_startup;
+	r.dest.rShutdown = chunk_shutdown;
+	r.dest.rDestroy = chunk_shutdown;
+	r.dest.mydest = DestNone;
+	r.pub = pub;
+	r.c = c;
+	r.values = palloc0(sizeof(Datum) * Max(desc->natts, 1));
+	r.nulls = palloc(sizeof(bool) * Max(desc->natts, 1));
+	memset(r.nulls, true, sizeof(bool) * Max(desc->natts, 1));
+	r.row_cxt = AllocSetContextCreate(CurrentMemoryContext, "kafka_bridge snapshot row",
+									  ALLOCSET_DEFAULT_SIZES);
+	r.key_cxt = AllocSetContextCreate(CurrentMemoryContext, "kafka_bridge snapshot key",
+									  ALLOCSET_SMALL_SIZES);
+	r.last_key = palloc(sizeof(Datum) * Max(c->key.nkeys, 1));
+	r.deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), kb_snapshot_chunk_time);
 
-		SPI_cursor_fetch(portal, true, KB_SNAPSHOT_FETCH_ROWS);
-		n = SPI_processed;
-		for (uint64 i = 0; i < n; i++)
-		{
-			bool		isnull;
-			MemoryContext old = MemoryContextSwitchTo(row_cxt);
-			HeapTupleHeader row = DatumGetHeapTupleHeader(SPI_getbinval(SPI_tuptable->vals[i],
-																		SPI_tuptable->tupdesc, 1,
-																		&isnull));
-			HeapTupleData tuple;
+	options.read_only = true;
+	options.dest = &r.dest;
+	if (SPI_execute_extended(sql, &options) < 0)
+		elog(ERROR, "reading a snapshot chunk of table \"%s\" failed", c->relname);
 
-			tuple.t_len = HeapTupleHeaderGetDatumLength(row);
-			ItemPointerSetInvalid(&tuple.t_self);
-			tuple.t_tableOid = RelationGetRelid(c->rel);
-			tuple.t_data = row;
-			heap_deform_tuple(&tuple, desc, values, nulls);
-			produce_row(pub, c, values, nulls,
-						DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[i],
-															SPI_tuptable->tupdesc, 2, &isnull)));
-			MemoryContextSwitchTo(old);
-			if (i == n - 1 && c->key.nkeys > 0)
-				upto = key_text(c, values);
-			MemoryContextReset(row_cxt);
-		}
-		SPI_freetuptable(SPI_tuptable);
-		if (n < KB_SNAPSHOT_FETCH_ROWS)
-		{
-			/* a chunk that read its LIMIT may have left rows behind */
-			c->exhausted = c->key.nkeys == 0 || c->rows < kb_snapshot_chunk_rows;
-			break;
-		}
-		/* a table without a key cannot stop half-way */
-		if (c->key.nkeys > 0 && GetCurrentTimestamp() >= deadline)
-			break;
-		CHECK_FOR_INTERRUPTS();
-	}
-	SPI_cursor_close(portal);
-	MemoryContextDelete(row_cxt);
+	/* a chunk that read its LIMIT may have left rows behind */
+	c->exhausted = !r.stopped && (c->key.nkeys == 0 || c->rows < kb_snapshot_chunk_rows);
+	upto = c->rows > 0 && c->key.nkeys > 0 ? key_text(c, r.last_key) : NULL;
+	MemoryContextDelete(r.row_cxt);
+	MemoryContextDelete(r.key_cxt);
 	return upto;
 }
 
