@@ -209,8 +209,9 @@ typedef struct KbPublishBatch KbPublishBatch;
 extern XLogRecPtr kb_publisher_boundary(KbPublisher *pub);
 extern bool kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact);
 extern KbPublishBatch *kb_publisher_batch_new(KbPublisher *pub);
-extern void kb_publisher_produce_frame(KbPublisher *pub, struct StringInfoData *frame,
-									   KbPublishBatch *batch);
+extern void kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch, const char *topic,
+								 const char *key, int key_len, const char *value, int value_len,
+								 rd_kafka_headers_t *headers);
 extern bool kb_publisher_batch_acknowledged(KbPublishBatch *batch);
 extern bool kb_publisher_failed(KbPublisher *pub);
 

@@ -237,36 +237,22 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 }
 
 /*
- * Produce one record, waiting (and serving acknowledgements) while the
- * queue is full.  Its acknowledgement counts down batch, or the open
- * transaction's entry when batch is NULL.
+ * Produce one record, waiting while the queue is full.  key and value may
+ * be NULL (key_len and value_len are then ignored); headers (NULL for none)
+ * become the record's.  Its acknowledgement counts down batch, or the open
+ * transaction's entry when batch is NULL.  row_topic: a topic created for
+ * it holds row events (see below).
  */
 static void
-produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
-			   PendingTxn *batch)
+produce(KbPublisher *pub, const char *topic, int topic_len,
+		const char *key, int key_len, const char *value, int value_len,
+		rd_kafka_headers_t *headers, bool row_topic, PendingTxn *batch)
 {
 	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
-	int			topic_len = pq_getmsgint(frame, 4);
-	const char *topic = pq_getmsgbytes(frame, topic_len);
-	int			key_len = pq_getmsgint(frame, 4);
-	const char *key = key_len >= 0 ? pq_getmsgbytes(frame, key_len) : NULL;
-	int			value_len = pq_getmsgint(frame, 4);
-	const char *value = value_len >= 0 ? pq_getmsgbytes(frame, value_len) : NULL;
-	int			nheaders = pq_getmsgint(frame, 2);
 	rd_kafka_topic_t *rkt;
 	bool		waiting = false;
-	rd_kafka_headers_t *headers = nheaders > 0 ? rd_kafka_headers_new(nheaders) : NULL;
 	rd_kafka_resp_err_t err;
 
-	for (int i = 0; i < nheaders; i++)
-	{
-		int			name_len = pq_getmsgint(frame, 2);
-		const char *name = pq_getmsgbytes(frame, name_len);
-		int			hv_len = pq_getmsgint(frame, 4);
-		const char *hv = hv_len >= 0 ? pq_getmsgbytes(frame, hv_len) : NULL;
-
-		rd_kafka_header_add(headers, name, name_len, hv, hv_len >= 0 ? hv_len : 0);
-	}
 	if (topic_len <= 0 || topic_len >= sizeof(pub->topics[0].name))
 		elog(ERROR, "kafka_bridge output plugin sent a topic name of %d bytes", topic_len);
 	/*
@@ -276,7 +262,7 @@ produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
 	 * of which compaction would keep one per type.
 	 */
 	rkt = is_failed(pub) ? NULL :
-		topic_handle(pub, rk, topic, topic_len, row_topic && key_len > 0 && key[0] == '{');
+		topic_handle(pub, rk, topic, topic_len, row_topic && key && key_len > 0 && key[0] == '{');
 	if (rkt == NULL)
 	{
 		if (headers)
@@ -361,6 +347,32 @@ produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
 		set_failure(pub, "cannot produce to topic \"%s\": %s", rd_kafka_topic_name(rkt),
 					rd_kafka_err2str(err));
 	}
+}
+
+/* Produce the record of a frame (the output plugin's layout, past its tag). */
+static void
+produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
+			   PendingTxn *batch)
+{
+	int			topic_len = pq_getmsgint(frame, 4);
+	const char *topic = pq_getmsgbytes(frame, topic_len);
+	int			key_len = pq_getmsgint(frame, 4);
+	const char *key = key_len >= 0 ? pq_getmsgbytes(frame, key_len) : NULL;
+	int			value_len = pq_getmsgint(frame, 4);
+	const char *value = value_len >= 0 ? pq_getmsgbytes(frame, value_len) : NULL;
+	int			nheaders = pq_getmsgint(frame, 2);
+	rd_kafka_headers_t *headers = nheaders > 0 ? rd_kafka_headers_new(nheaders) : NULL;
+
+	for (int i = 0; i < nheaders; i++)
+	{
+		int			name_len = pq_getmsgint(frame, 2);
+		const char *name = pq_getmsgbytes(frame, name_len);
+		int			hv_len = pq_getmsgint(frame, 4);
+		const char *hv = hv_len >= 0 ? pq_getmsgbytes(frame, hv_len) : NULL;
+
+		rd_kafka_header_add(headers, name, name_len, hv, hv_len >= 0 ? hv_len : 0);
+	}
+	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, row_topic, batch);
 }
 
 /* The plugin wrote one frame into ctx->out. */
@@ -664,12 +676,17 @@ kb_publisher_batch_new(KbPublisher *pub)
 	return (KbPublishBatch *) batch;
 }
 
-/* Produce a record frame (the output plugin's layout, tag included) in batch. */
+/*
+ * Produce a row event of batch to topic (created as a row topic if need
+ * be); the headers (NULL for none) become the record's.
+ */
 void
-kb_publisher_produce_frame(KbPublisher *pub, StringInfo frame, KbPublishBatch *batch)
+kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch, const char *topic,
+					 const char *key, int key_len, const char *value, int value_len,
+					 rd_kafka_headers_t *headers)
 {
-	frame->cursor = 1;
-	produce_record(pub, frame, true, (PendingTxn *) batch);
+	produce(pub, topic, strlen(topic), key, key_len, value, value_len, headers, true,
+			(PendingTxn *) batch);
 }
 
 /* Whether a delivery failed: the worker starts the publisher again. */

@@ -276,7 +276,7 @@ typedef struct Chunk
 	/* the records */
 	char		lsn[32];
 	StringInfoData head;		/* the envelope up to the row */
-	StringInfoData frame;
+	StringInfoData value;
 	StringInfoData key_json;
 	KbPublishBatch *batch;
 	int64		rows;
@@ -391,44 +391,40 @@ row_commit_time(TransactionId xmin, char *text)
 static void
 produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionId xmin)
 {
-	StringInfo	f = &c->frame;
-	int			value_start;
-	uint32		len;
-	char		seq[16];
+	StringInfo	value = &c->value;
+	rd_kafka_headers_t *headers = rd_kafka_headers_new(5);
+	char		seq[MAXINT8LEN + 1];
 
-	snprintf(seq, sizeof(seq), "%lld", (long long) ++c->rows);
-	resetStringInfo(f);
-	pq_sendbyte(f, KB_FRAME_RECORD);
-	kb_send_bytes(f, c->topic, strlen(c->topic));
-	if (c->format == KB_FORMAT_FLAT)
-		kb_send_bytes(f, c->event, strlen(c->event));
-	else
+	if (c->format == KB_FORMAT_ENVELOPE)
 	{
 		resetStringInfo(&c->key_json);
 		(void) kb_append_row(&c->key_json, c->shape, values, nulls, KB_ROW_KEY, NULL);
-		kb_send_bytes(f, c->key_json.data, c->key_json.len);
 	}
-	value_start = f->len;
-	pq_sendint32(f, 0);			/* the value's length, once known */
+	resetStringInfo(value);
 	if (c->format == KB_FORMAT_ENVELOPE)
-		appendBinaryStringInfo(f, c->head.data, c->head.len);
-	(void) kb_append_row(f, c->shape, values, nulls, KB_ROW_ALL, NULL);
+		appendBinaryStringInfo(value, c->head.data, c->head.len);
+	(void) kb_append_row(value, c->shape, values, nulls, KB_ROW_ALL, NULL);
 	if (c->format == KB_FORMAT_ENVELOPE)
-		appendStringInfoChar(f, '}');
-	len = pg_hton32(f->len - value_start - 4);
-	memcpy(f->data + value_start, &len, sizeof(len));
-	pq_sendint16(f, 5);
-	kb_send_header(f, KB_HEADER_EVENT, c->event);
-	kb_send_header(f, KB_HEADER_ORIGIN, kb_instance_id());
-	kb_send_header(f, KB_HEADER_LSN, c->lsn);
-	kb_send_header(f, KB_HEADER_SEQ, seq);
+		appendStringInfoChar(value, '}');
+
+	(void) pg_lltoa(++c->rows, seq);
 	if (xmin != c->time_xmin || c->commit_time[0] == '\0')
 	{
 		row_commit_time(xmin, c->commit_time);
 		c->time_xmin = xmin;
 	}
-	kb_send_header(f, KB_HEADER_COMMIT_TIME, c->commit_time);
-	kb_publisher_produce_frame(pub, f, c->batch);
+	rd_kafka_header_add(headers, KB_HEADER_EVENT, -1, c->event, -1);
+	rd_kafka_header_add(headers, KB_HEADER_ORIGIN, -1, kb_instance_id(), -1);
+	rd_kafka_header_add(headers, KB_HEADER_LSN, -1, c->lsn, -1);
+	rd_kafka_header_add(headers, KB_HEADER_SEQ, -1, seq, -1);
+	rd_kafka_header_add(headers, KB_HEADER_COMMIT_TIME, -1, c->commit_time, -1);
+	/* a flat record is keyed by its event type */
+	if (c->format == KB_FORMAT_FLAT)
+		kb_publisher_produce(pub, c->batch, c->topic, c->event, strlen(c->event),
+							 value->data, value->len, headers);
+	else
+		kb_publisher_produce(pub, c->batch, c->topic, c->key_json.data, c->key_json.len,
+							 value->data, value->len, headers);
 }
 
 /* The key of a row (its key columns' values) as text: the new snapshot_upto. */
@@ -794,7 +790,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	snapshot_key(c.rel, &c.key);
 	c.shape = kb_row_shape_create(RelationGetDescr(c.rel), c.key.columns, c.key.all_key,
 								  CurrentMemoryContext);
-	initStringInfo(&c.frame);
+	initStringInfo(&c.value);
 	initStringInfo(&c.key_json);
 	c.batch = kb_publisher_batch_new(pub);
 
