@@ -486,6 +486,7 @@ kafka_bridge_produce(PG_FUNCTION_ARGS)
 		 * records that will never come, since the caller waits
 		 */
 		rd_kafka_flush(rk, 10);
+		kb_kafka_client_poll(producer, 0);	/* librdkafka's logs */
 		if (!awaited.done && GetCurrentTimestamp() >= deadline)
 			ereport(ERROR,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
