@@ -153,7 +153,7 @@ sub kb_wait_slot
 
 # ---- Helpers of the apply tests (03*.pl): writing records with kcat ----
 
-push @EXPORT, qw(kafka_produce kb_md5 kb_applier kafka_create_topic);
+push @EXPORT, qw(kafka_produce kb_md5 kb_applier kafka_create_topic kafka_alter_topic);
 
 # Write records to a topic with kcat, in order: a list of { key, value,
 # headers => [ name => value, ... ], partition (default 0) }.  An undefined
@@ -222,17 +222,33 @@ sub kb_md5
 		"SELECT count(*) || ':' || coalesce(md5(string_agg(kb_row::text, ',' ORDER BY $order)), '') FROM $table kb_row");
 }
 
-# Create a topic with a number of partitions, with Kafka's own TopicCommand
-# from the jars scripts/kafka fetched.
+# Create a topic with a number of partitions (and a topic setting such as
+# 'max.message.bytes=512', if given), with Kafka's own TopicCommand from the
+# jars scripts/kafka fetched.
 sub kafka_create_topic
 {
-	my ($topic, $partitions) = @_;
+	my ($topic, $partitions, $config) = @_;
 	my $cache = _env('KAFKA_BRIDGE_CACHE');
 	my ($libs) = glob("$cache/kafka-*/libs");
 	die "no Kafka jars under $cache" unless $libs;
-	my $out = `java -cp '$libs/*' org.apache.kafka.tools.TopicCommand --bootstrap-server @{[kafka_bootstrap()]} --create --topic '$topic' --partitions $partitions --replication-factor 1 2>&1`;
+	my $extra = defined $config ? "--config '$config'" : '';
+	my $out = `java -cp '$libs/*' org.apache.kafka.tools.TopicCommand --bootstrap-server @{[kafka_bootstrap()]} --create --topic '$topic' --partitions $partitions --replication-factor 1 $extra 2>&1`;
 	die "cannot create topic $topic: $out" if $? != 0;
 	note "created topic $topic with $partitions partitions";
+	return;
+}
+
+# Change a setting of a topic ('max.message.bytes=1000000'), with Kafka's
+# own ConfigCommand.
+sub kafka_alter_topic
+{
+	my ($topic, $config) = @_;
+	my $cache = _env('KAFKA_BRIDGE_CACHE');
+	my ($libs) = glob("$cache/kafka-*/libs");
+	die "no Kafka jars under $cache" unless $libs;
+	my $out = `java -cp '$libs/*' kafka.admin.ConfigCommand --bootstrap-server @{[kafka_bootstrap()]} --alter --entity-type topics --entity-name '$topic' --add-config '$config' 2>&1`;
+	die "cannot alter topic $topic: $out" if $? != 0;
+	note "topic $topic: $config";
 	return;
 }
 
