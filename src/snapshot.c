@@ -72,7 +72,6 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "nodes/params.h"
-#include "libpq/pqformat.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "replication/message.h"
