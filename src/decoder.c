@@ -114,6 +114,9 @@ typedef struct KbDecodingData
 	bool		all_tables;
 	bool		include_origins;
 
+	/* decoding for the publisher: records go to it, not to frames */
+	KbPublisher *publisher;
+
 	/* the transaction being decoded */
 	bool		txn_has_records;
 	bool		txn_meta_ready;
@@ -130,6 +133,8 @@ typedef struct KbDecodingData
 	StringInfoData key;
 	StringInfoData old_key;
 	int			value_start;	/* where the value length goes in a frame */
+	const char *record_key;		/* the record's key, for the publisher */
+	int			record_key_len;
 
 	/* the relation cache (KbRelEntry by relid), in cache_cxt */
 	HTAB	   *relations;
@@ -602,6 +607,23 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 	if (!null_value || data->seq == 0)
 		snprintf(data->seq_text, sizeof(data->seq_text), "%u", ++data->seq);
 
+	if (data->publisher)
+	{
+		/* out holds the value alone; the key waits for record_end */
+		resetStringInfo(out);
+		if (entry->format == KB_FORMAT_FLAT)
+		{
+			data->record_key = entry->event[event];
+			data->record_key_len = strlen(entry->event[event]);
+		}
+		else
+		{
+			data->record_key = key ? key->data : NULL;
+			data->record_key_len = key ? key->len : 0;
+		}
+		return;
+	}
+
 	OutputPluginPrepareWrite(ctx, last_write);
 	if (data->output == KB_OUTPUT_KAFKA)
 	{
@@ -657,6 +679,22 @@ record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
 {
 	StringInfo	out = ctx->out;
 
+	if (data->publisher)
+	{
+		KbEventHeaders headers = {
+			.event = entry->event[event],
+			.origin = data->origin,
+			.lsn = data->include_lsn ? data->lsn : NULL,
+			.seq = data->seq_text,
+			.commit_time = data->include_timestamp ? data->commit_time : NULL
+		};
+
+		kb_publisher_produce(data->publisher, NULL, entry->topic, entry->topic_len,
+							 data->record_key, data->record_key_len,
+							 null_value ? NULL : out->data, out->len, &headers);
+		data->txn_has_records = true;
+		return;
+	}
 	if (data->output == KB_OUTPUT_KAFKA)
 	{
 		if (!null_value)
@@ -841,6 +879,7 @@ kb_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 	KbDecodingData *data = ctx->output_plugin_private;
 
 	/* nothing is written until the transaction has a record */
+	data->publisher = data->output == KB_OUTPUT_KAFKA ? kb_publisher_of(ctx) : NULL;
 	data->txn_has_records = false;
 	data->txn_meta_ready = false;
 	data->seq = 0;
@@ -856,7 +895,9 @@ kb_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	OutputPluginUpdateProgress(ctx, !data->txn_has_records);
 	data->changes_since_progress = 0;
 
-	if (data->txn_has_records && data->output == KB_OUTPUT_KAFKA)
+	if (data->txn_has_records && data->publisher)
+		kb_publisher_commit(data->publisher, txn->end_lsn);
+	else if (data->txn_has_records && data->output == KB_OUTPUT_KAFKA)
 	{
 		OutputPluginPrepareWrite(ctx, true);
 		pq_sendbyte(ctx->out, KB_FRAME_COMMIT);
@@ -1044,10 +1085,17 @@ kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	if (!transactional || strcmp(prefix, KB_MESSAGE_PREFIX) != 0 || message_size < 1)
 		return;
 
+	/* the message is a record frame but for its first byte */
+	if (data->publisher)
+	{
+		kb_publisher_produce_send(data->publisher, message + 1, message_size - 1);
+		data->txn_has_records = true;
+		return;
+	}
+
 	OutputPluginPrepareWrite(ctx, true);
 	if (data->output == KB_OUTPUT_KAFKA)
 	{
-		/* the message is a record frame but for its first byte */
 		pq_sendbyte(out, KB_FRAME_SEND_RECORD);
 		pq_sendbytes(out, message + 1, message_size - 1);
 		OutputPluginWrite(ctx, true);

@@ -190,6 +190,7 @@ extern bool kb_reload_settings(char **fingerprint);
 /* ---- publisher.c ---- */
 
 typedef struct KbPublisher KbPublisher;
+struct LogicalDecodingContext;
 
 extern void kb_publisher_ensure_slot(void);
 extern void kb_publisher_drop_slot(void);
@@ -203,17 +204,43 @@ extern void kb_publisher_delivery_report(rd_kafka_t *rk,
 										 const rd_kafka_message_t *msg,
 										 void *opaque);
 
-/* Records produced outside the stream of transactions: snapshot chunks. */
+/*
+ * The headers of a row event (see docs/events.md): lsn and seq NULL, or
+ * commit_time NULL, leave those out.
+ */
+typedef struct KbEventHeaders
+{
+	const char *event;
+	const char *origin;
+	const char *lsn;
+	const char *seq;
+	const char *commit_time;
+} KbEventHeaders;
+
+/*
+ * Records produced outside the stream of transactions (snapshot chunks)
+ * count their acknowledgements in a batch; NULL stands for the transaction
+ * being decoded.
+ */
 typedef struct KbPublishBatch KbPublishBatch;
 
 extern XLogRecPtr kb_publisher_boundary(KbPublisher *pub);
 extern bool kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact);
 extern KbPublishBatch *kb_publisher_batch_new(KbPublisher *pub);
-extern void kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch, const char *topic,
+extern void kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
+								 const char *topic, int topic_len,
 								 const char *key, int key_len, const char *value, int value_len,
-								 rd_kafka_headers_t *headers);
+								 const KbEventHeaders *headers);
 extern bool kb_publisher_batch_acknowledged(KbPublishBatch *batch);
 extern bool kb_publisher_failed(KbPublisher *pub);
+
+/*
+ * The output plugin, when it decodes for the publisher, hands it records
+ * directly (no frames): the publisher whose decoding ctx is, else NULL.
+ */
+extern KbPublisher *kb_publisher_of(struct LogicalDecodingContext *ctx);
+extern void kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len);
+extern void kb_publisher_commit(KbPublisher *pub, XLogRecPtr end_lsn);
 
 /* ---- snapshot.c ---- */
 

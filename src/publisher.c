@@ -7,9 +7,11 @@
  *
  * Decoding runs in the worker itself, as pg_logical_slot_get_changes() does
  * it: no replication connection and no pg_hba.conf entry.  The plugin runs
- * with output 'kafka' and writes binary frames (see decoder.c): a record
- * frame per Kafka record, a commit frame at the end of each transaction that
- * produced records.
+ * with output 'kafka' and, seeing that it decodes for the publisher
+ * (kb_publisher_of), hands each record to kb_publisher_produce() and each
+ * commit to kb_publisher_commit(), rather than writing the binary frames
+ * it writes for other callers (see decoder.c): nothing is built only to be
+ * parsed again.
  *
  * Snapshots (snapshot.c) produce their records through the same producer,
  * between two rounds of decoding: a batch counts the acknowledgements of a
@@ -349,58 +351,88 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 	}
 }
 
-/* Produce the record of a frame (the output plugin's layout, past its tag). */
-static void
-produce_record(KbPublisher *pub, StringInfo frame, bool row_topic,
-			   PendingTxn *batch)
+/*
+ * Produce the record of a kafka_bridge.send() frame (the output plugin's
+ * record layout, see decoder.c, past its tag).
+ */
+void
+kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len)
 {
-	int			topic_len = pq_getmsgint(frame, 4);
-	const char *topic = pq_getmsgbytes(frame, topic_len);
-	int			key_len = pq_getmsgint(frame, 4);
-	const char *key = key_len >= 0 ? pq_getmsgbytes(frame, key_len) : NULL;
-	int			value_len = pq_getmsgint(frame, 4);
-	const char *value = value_len >= 0 ? pq_getmsgbytes(frame, value_len) : NULL;
-	int			nheaders = pq_getmsgint(frame, 2);
+	StringInfoData in = {.data = (char *) frame,.len = frame_len,.maxlen = frame_len};
+	int			topic_len = pq_getmsgint(&in, 4);
+	const char *topic = pq_getmsgbytes(&in, topic_len);
+	int			key_len = pq_getmsgint(&in, 4);
+	const char *key = key_len >= 0 ? pq_getmsgbytes(&in, key_len) : NULL;
+	int			value_len = pq_getmsgint(&in, 4);
+	const char *value = value_len >= 0 ? pq_getmsgbytes(&in, value_len) : NULL;
+	int			nheaders = pq_getmsgint(&in, 2);
 	rd_kafka_headers_t *headers = nheaders > 0 ? rd_kafka_headers_new(nheaders) : NULL;
 
 	for (int i = 0; i < nheaders; i++)
 	{
-		int			name_len = pq_getmsgint(frame, 2);
-		const char *name = pq_getmsgbytes(frame, name_len);
-		int			hv_len = pq_getmsgint(frame, 4);
-		const char *hv = hv_len >= 0 ? pq_getmsgbytes(frame, hv_len) : NULL;
+		int			name_len = pq_getmsgint(&in, 2);
+		const char *name = pq_getmsgbytes(&in, name_len);
+		int			hv_len = pq_getmsgint(&in, 4);
+		const char *hv = hv_len >= 0 ? pq_getmsgbytes(&in, hv_len) : NULL;
 
 		rd_kafka_header_add(headers, name, name_len, hv, hv_len >= 0 ? hv_len : 0);
 	}
-	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, row_topic, batch);
+	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, false, NULL);
 }
 
-/* The plugin wrote one frame into ctx->out. */
+/*
+ * Produce a row event of batch (NULL: of the transaction being decoded) to
+ * topic, which is created as a row topic if need be.  key NULL is a null
+ * key, value NULL a tombstone.
+ */
+void
+kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
+					 const char *topic, int topic_len,
+					 const char *key, int key_len, const char *value, int value_len,
+					 const KbEventHeaders *eh)
+{
+	rd_kafka_headers_t *headers = rd_kafka_headers_new(5);
+
+	rd_kafka_header_add(headers, KB_HEADER_EVENT, -1, eh->event, -1);
+	rd_kafka_header_add(headers, KB_HEADER_ORIGIN, -1, eh->origin, -1);
+	if (eh->lsn)
+	{
+		rd_kafka_header_add(headers, KB_HEADER_LSN, -1, eh->lsn, -1);
+		rd_kafka_header_add(headers, KB_HEADER_SEQ, -1, eh->seq, -1);
+	}
+	if (eh->commit_time)
+		rd_kafka_header_add(headers, KB_HEADER_COMMIT_TIME, -1, eh->commit_time, -1);
+	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, true,
+			(PendingTxn *) batch);
+}
+
+/* The transaction whose records were just produced committed at end_lsn. */
+void
+kb_publisher_commit(KbPublisher *pub, XLogRecPtr end_lsn)
+{
+	if (pub->open_txn)
+	{
+		pub->open_txn->end_lsn = end_lsn;
+		pub->open_txn->committed = true;
+		pub->open_txn = NULL;
+	}
+}
+
+/*
+ * The decoding context's write callback.  The output plugin hands the
+ * publisher its records directly (kb_publisher_of), so it never writes.
+ */
 static void
 write_frame(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
 			bool last_write)
 {
-	KbPublisher *pub = current;
-	StringInfo	frame = ctx->out;
-	int			tag;
+	elog(ERROR, "kafka_bridge output plugin wrote a frame to the publisher");
+}
 
-	frame->cursor = 0;
-	tag = pq_getmsgbyte(frame);
-	if (tag == KB_FRAME_RECORD || tag == KB_FRAME_SEND_RECORD)
-		produce_record(pub, frame, tag == KB_FRAME_RECORD, NULL);
-	else if (tag == KB_FRAME_COMMIT)
-	{
-		XLogRecPtr	end_lsn = (XLogRecPtr) pq_getmsgint64(frame);
-
-		if (pub->open_txn)
-		{
-			pub->open_txn->end_lsn = end_lsn;
-			pub->open_txn->committed = true;
-			pub->open_txn = NULL;
-		}
-	}
-	else
-		elog(ERROR, "kafka_bridge output plugin sent an unknown frame tag %d", tag);
+KbPublisher *
+kb_publisher_of(LogicalDecodingContext *ctx)
+{
+	return ctx->write == write_frame ? current : NULL;
 }
 
 /*
@@ -676,19 +708,6 @@ kb_publisher_batch_new(KbPublisher *pub)
 	return (KbPublishBatch *) batch;
 }
 
-/*
- * Produce a row event of batch to topic (created as a row topic if need
- * be); the headers (NULL for none) become the record's.
- */
-void
-kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch, const char *topic,
-					 const char *key, int key_len, const char *value, int value_len,
-					 rd_kafka_headers_t *headers)
-{
-	produce(pub, topic, strlen(topic), key, key_len, value, value_len, headers, true,
-			(PendingTxn *) batch);
-}
-
 /* Whether a delivery failed: the worker starts the publisher again. */
 bool
 kb_publisher_failed(KbPublisher *pub)
@@ -719,7 +738,7 @@ kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact)
 	const struct rd_kafka_metadata *md = NULL;
 
 	if (len <= 0 || len >= sizeof(pub->topics[0].name))
-		return true;			/* produce_record says what is wrong */
+		return true;			/* produce() says what is wrong */
 	for (int i = 0; i < pub->ntopics; i++)
 		if (pub->topics[i].len == len && memcmp(pub->topics[i].name, topic, len) == 0)
 			return true;

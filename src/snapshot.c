@@ -391,8 +391,8 @@ static void
 produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionId xmin)
 {
 	StringInfo	value = &c->value;
-	rd_kafka_headers_t *headers = rd_kafka_headers_new(5);
 	char		seq[MAXINT8LEN + 1];
+	KbEventHeaders headers;
 
 	if (c->format == KB_FORMAT_ENVELOPE)
 	{
@@ -412,18 +412,20 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionI
 		row_commit_time(xmin, c->commit_time);
 		c->time_xmin = xmin;
 	}
-	rd_kafka_header_add(headers, KB_HEADER_EVENT, -1, c->event, -1);
-	rd_kafka_header_add(headers, KB_HEADER_ORIGIN, -1, kb_instance_id(), -1);
-	rd_kafka_header_add(headers, KB_HEADER_LSN, -1, c->lsn, -1);
-	rd_kafka_header_add(headers, KB_HEADER_SEQ, -1, seq, -1);
-	rd_kafka_header_add(headers, KB_HEADER_COMMIT_TIME, -1, c->commit_time, -1);
+	headers.event = c->event;
+	headers.origin = kb_instance_id();
+	headers.lsn = c->lsn;
+	headers.seq = seq;
+	headers.commit_time = c->commit_time;
 	/* a flat record is keyed by its event type */
 	if (c->format == KB_FORMAT_FLAT)
-		kb_publisher_produce(pub, c->batch, c->topic, c->event, strlen(c->event),
-							 value->data, value->len, headers);
+		kb_publisher_produce(pub, c->batch, c->topic, strlen(c->topic),
+							 c->event, strlen(c->event),
+							 value->data, value->len, &headers);
 	else
-		kb_publisher_produce(pub, c->batch, c->topic, c->key_json.data, c->key_json.len,
-							 value->data, value->len, headers);
+		kb_publisher_produce(pub, c->batch, c->topic, strlen(c->topic),
+							 c->key_json.data, c->key_json.len,
+							 value->data, value->len, &headers);
 }
 
 /* The key of a row (its key columns' values) as text: the new snapshot_upto. */
