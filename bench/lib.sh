@@ -103,6 +103,20 @@ start_instance() {
 # with: the same guarantees and the same compression.
 KCAT_PRODUCER=(-X acks=all -X enable.idempotence=true -X linger.ms=5 -X compression.type=lz4)
 
+# Create a topic of one partition, with the given configs (name=value).
+# A pipeline that produces to a topic that does not exist yet waits a
+# second or so for it to be created and get a leader: benchmarks create
+# their topics beforehand, so that no pipeline's rate includes that.
+create_topic() {	# topic [config...]
+	local topic=$1 configs=() c
+	shift
+	for c in "$@"; do configs+=(--config "$c"); done
+	java -cp "$KAFKA_BRIDGE_CACHE/kafka-3.9.1/libs/*" org.apache.kafka.tools.TopicCommand \
+		--bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic "$topic" --partitions 1 \
+		--replication-factor 1 "${configs[@]}" >/dev/null 2>&1 ||
+		{ say "could not create topic $topic"; return 1; }
+}
+
 # A fresh broker runs its first large load slower, while the JVM compiles
 # its hot paths: whichever pipeline a benchmark measured first would pay
 # for that.  Warm it up first with both kinds of records: 500,000 keyed
@@ -110,9 +124,7 @@ KCAT_PRODUCER=(-X acks=all -X enable.idempotence=true -X linger.ms=5 -X compress
 # 500,000 plain ones to a topic of the broker's default (kcat's).
 warm_broker() {
 	say "[warm-up] 1,000,000 records through the broker"
-	java -cp "$KAFKA_BRIDGE_CACHE/kafka-3.9.1/libs/*" org.apache.kafka.tools.TopicCommand \
-		--bootstrap-server "$BOOTSTRAP" --create --topic bench_warmup_compact --partitions 1 \
-		--replication-factor 1 --config cleanup.policy=compact >/dev/null 2>&1
+	create_topic bench_warmup_compact cleanup.policy=compact
 	awk 'BEGIN { pad = sprintf("%200s", ""); for (i = 1; i <= 500000; i++) printf "{\"id\":%d}\t%d%s\n", i, i, pad }' |
 		kcat -P -b "$BOOTSTRAP" -t bench_warmup_compact -K "$(printf '\t')" -q "${KCAT_PRODUCER[@]}" \
 			-H event=WARMUP-PUT -H origin=bench -H lsn=0/1 -H seq=1 -H commit_time=2026-01-01T00:00:00+00:00

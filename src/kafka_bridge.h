@@ -176,9 +176,6 @@ extern rd_kafka_t *kb_kafka_client_handle(KbKafkaClient *client);
 extern const char *kb_kafka_client_last_error(KbKafkaClient *client);
 extern void kb_kafka_client_destroy(KbKafkaClient *client);
 extern void kb_kafka_client_poll(KbKafkaClient *client, int timeout_ms);
-extern void kb_kafka_client_serve_in_thread(KbKafkaClient *client);
-extern void kb_kafka_client_serve_here(KbKafkaClient *client);
-extern void kb_kafka_client_wake(KbKafkaClient *client);
 extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 								  char *brokers, size_t brokers_size,
 								  char *error, size_t error_size);

@@ -8,13 +8,11 @@
  * the worker, and the threads are created with every signal blocked so
  * that PostgreSQL's handlers only run on the worker's thread.
  *
- * Delivery reports and errors come on librdkafka's main queue.  By default
- * kb_kafka_client_poll() serves it too.  The publisher has it served by a
- * thread of ours instead (kb_kafka_client_serve_in_thread()): a delivery
- * report, and freeing the record it reports on, then cost the worker's own
- * thread nothing, and that thread is what limits publishing.  The delivery
- * callback must then run no PostgreSQL code (no palloc, no elog, no GUC);
- * the error callback only copies the error under a lock.
+ * Delivery reports and errors come on librdkafka's main queue, which
+ * kb_kafka_client_poll() serves too, on the worker's thread.  (Serving it
+ * on a thread of our own was measured slower: that thread frees each
+ * record and its headers while the worker allocates the next ones, and the
+ * two then wait on each other for malloc's lock.)
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -33,30 +31,22 @@
 struct KbKafkaClient
 {
 	rd_kafka_t *rk;
-	rd_kafka_queue_t *logq;		/* librdkafka's logs, served on our thread */
+	rd_kafka_queue_t *logq;		/* librdkafka's logs */
 	KbClientRole role;
 	/* latest error reported by librdkafka that names a broker, as reported */
-	pthread_mutex_t error_lock;
 	char		last_error[512];
-	/* the same, secrets redacted, for the worker's thread */
+	/* the same, secrets redacted */
 	char		last_error_shown[512];
-	/* the thread serving the main queue, if any */
-	bool		threaded;
-	pthread_t	thread;
-	pg_atomic_uint32 stop;
 };
 
-/* (may run on the thread of kb_kafka_client_serve_in_thread()) */
 static void
 client_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 {
 	KbKafkaClient *client = (KbKafkaClient *) opaque;
 
-	pthread_mutex_lock(&client->error_lock);
 	/* "1/1 brokers are down" names no address: keep the previous, better one */
 	if (err != RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN || !client->last_error[0])
 		strlcpy(client->last_error, reason, sizeof(client->last_error));
-	pthread_mutex_unlock(&client->error_lock);
 }
 
 static void
@@ -99,8 +89,6 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 	bool		ok;
 
 	client->role = role;
-	pthread_mutex_init(&client->error_lock, NULL);
-	pg_atomic_init_u32(&client->stop, 0);
 	*detail = NULL;
 
 	/*
@@ -182,68 +170,6 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 	return client;
 }
 
-static void *
-serve_main_queue(void *arg)
-{
-	KbKafkaClient *client = (KbKafkaClient *) arg;
-
-	while (!pg_atomic_read_u32(&client->stop))
-		rd_kafka_poll(client->rk, 100);
-	return NULL;
-}
-
-/*
- * Have a thread of ours serve the client's delivery reports and errors
- * from now on, until kb_kafka_client_serve_here().  Its delivery callback
- * must be thread-safe (see the file header).
- */
-void
-kb_kafka_client_serve_in_thread(KbKafkaClient *client)
-{
-	sigset_t	all;
-	sigset_t	saved;
-	int			rc;
-
-	if (client->threaded)
-		return;
-	pg_atomic_write_u32(&client->stop, 0);
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &saved);
-	rc = pthread_create(&client->thread, NULL, serve_main_queue, client);
-	pthread_sigmask(SIG_SETMASK, &saved, NULL);
-	if (rc != 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-				 errmsg("could not start the thread that serves Kafka's acknowledgements: %s",
-						strerror(rc))));
-	client->threaded = true;
-}
-
-/*
- * Stop the thread of kb_kafka_client_serve_in_thread(), once its callback
- * returned: kb_kafka_client_poll() serves everything again.
- */
-void
-kb_kafka_client_serve_here(KbKafkaClient *client)
-{
-	if (client == NULL || !client->threaded)
-		return;
-	pg_atomic_write_u32(&client->stop, 1);
-	rd_kafka_yield(client->rk);
-	pthread_join(client->thread, NULL);
-	client->threaded = false;
-}
-
-/*
- * Cut short a kb_kafka_client_poll() waiting on the worker's thread (or
- * the next one): callable from any thread.
- */
-void
-kb_kafka_client_wake(KbKafkaClient *client)
-{
-	rd_kafka_queue_yield(client->logq);
-}
-
 /*
  * Destroy a client.  Records still queued or in flight are dropped, not
  * waited for: the publisher only ever drops what it has not confirmed, and
@@ -254,7 +180,6 @@ kb_kafka_client_destroy(KbKafkaClient *client)
 {
 	if (client == NULL)
 		return;
-	kb_kafka_client_serve_here(client);
 	rd_kafka_queue_destroy(client->logq);
 	if (client->role == KB_CLIENT_PRODUCER)
 		rd_kafka_purge(client->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
@@ -269,9 +194,7 @@ kb_kafka_client_destroy(KbKafkaClient *client)
 const char *
 kb_kafka_client_last_error(KbKafkaClient *client)
 {
-	pthread_mutex_lock(&client->error_lock);
 	strlcpy(client->last_error_shown, client->last_error, sizeof(client->last_error_shown));
-	pthread_mutex_unlock(&client->error_lock);
 	kb_redact_secrets(client->last_error_shown);
 	return client->last_error_shown;
 }
@@ -283,19 +206,14 @@ kb_kafka_client_handle(KbKafkaClient *client)
 }
 
 /*
- * Serve callbacks (logs; errors and delivery reports unless a thread serves
- * them), waiting up to timeout_ms for the first one or kb_kafka_client_wake().
+ * Serve callbacks (delivery reports, errors, then logs), waiting up to
+ * timeout_ms for the first one.
  */
 void
 kb_kafka_client_poll(KbKafkaClient *client, int timeout_ms)
 {
-	if (client->threaded)
-		rd_kafka_queue_poll_callback(client->logq, timeout_ms);
-	else
-	{
-		rd_kafka_poll(client->rk, timeout_ms);
-		rd_kafka_queue_poll_callback(client->logq, 0);
-	}
+	rd_kafka_poll(client->rk, timeout_ms);
+	rd_kafka_queue_poll_callback(client->logq, 0);
 }
 
 /*
@@ -327,9 +245,7 @@ kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 		strlcpy(brokers, buf.data, brokers_size);
 		pfree(buf.data);
 		rd_kafka_metadata_destroy(md);
-		pthread_mutex_lock(&client->error_lock);
 		client->last_error[0] = '\0';
-		pthread_mutex_unlock(&client->error_lock);
 		return true;
 	}
 

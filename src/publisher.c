@@ -29,14 +29,12 @@
  * context and the producer: the worker starts again from the confirmed
  * position (at-least-once; the apply side recognises replays).
  *
- * Acknowledgements are served by a thread of the producer's client
- * (kafka_client.c), not by the worker's own: the delivery callback only
- * counts down atomics and records a failure, and the worker reads them.
+ * Acknowledgements (delivery reports) are served on the worker's thread,
+ * whenever it polls the producer's client (kafka_client.c says why not on
+ * a thread of their own).
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
-
-#include <pthread.h>
 
 #include "access/xact.h"
 #include "access/xlog.h"
@@ -65,9 +63,8 @@ typedef struct PendingTxn
 {
 	dlist_node	node;
 	XLogRecPtr	end_lsn;		/* commit end; valid once committed */
-	bool		committed;		/* its commit frame was seen */
-	bool		wake;			/* a batch: wake the worker once acknowledged */
-	pg_atomic_uint64 outstanding;	/* records produced, not acknowledged */
+	bool		committed;		/* its commit was decoded */
+	uint64		outstanding;	/* records produced, not acknowledged */
 } PendingTxn;
 
 #define KB_TOPIC_HANDLES 32
@@ -86,15 +83,11 @@ struct KbPublisher
 	XLogRecPtr	confirmed;		/* last position given to the slot */
 	XLogRecPtr	saved;			/* last confirmed position written to disk */
 	TimestampTz saved_at;
-	/* written by the thread serving acknowledgements too: */
-	pg_atomic_uint64 acknowledged;	/* records acknowledged, not yet counted
-									 * in the status (one add to shared memory
-									 * per step, not per record) */
-	pg_atomic_uint32 room_wanted;	/* the worker waits for room in the
-									 * producer queue */
-	pg_atomic_uint32 failed;	/* a delivery failed: start again */
-	pthread_mutex_t failure_lock;
-	char		failure[512];	/* why, under failure_lock */
+	uint64		acknowledged;	/* records acknowledged, not yet counted in
+								 * the status (one add to shared memory per
+								 * step, not per record) */
+	bool		failed;			/* a delivery failed: start again */
+	char		failure[512];	/* why */
 	XLogRecPtr	step_target;	/* the WAL end the last step decoded towards */
 	/* topic handles, so that producing does not look each topic up by name */
 	int			ntopics;
@@ -118,7 +111,7 @@ slot_name_for(char *buf, Oid dboid)
 
 /*
  * Fail the publisher, saying why, unless it failed already: the worker
- * starts it again.  Callable from either thread (no PostgreSQL code).
+ * starts it again.
  */
 static void
 set_failure(KbPublisher *pub, const char *fmt,...) pg_attribute_printf(2, 3);
@@ -128,36 +121,30 @@ set_failure(KbPublisher *pub, const char *fmt,...)
 {
 	va_list		args;
 
-	pthread_mutex_lock(&pub->failure_lock);
-	if (!pg_atomic_read_u32(&pub->failed))
+	if (!pub->failed)
 	{
 		va_start(args, fmt);
 		vsnprintf(pub->failure, sizeof(pub->failure), fmt, args);
 		va_end(args);
-		pg_atomic_write_u32(&pub->failed, 1);
+		pub->failed = true;
 	}
-	pthread_mutex_unlock(&pub->failure_lock);
 }
 
 static inline bool
 is_failed(KbPublisher *pub)
 {
-	return pg_atomic_read_u32(&pub->failed) != 0;
+	return pub->failed;
 }
 
 /*
  * Called by librdkafka once per record, acknowledged by the brokers or
- * failed for good, on the thread that serves the producer's main queue
- * (kafka_client.c): no PostgreSQL code here.  The count down of the
- * record's transaction is the last touch of it: the worker frees it once
- * it reads zero.
+ * failed for good, while the worker polls the producer's client.
  */
 void
 kb_publisher_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
 {
 	KbPublisher *pub = current;
 	PendingTxn *txn = (PendingTxn *) msg->_private;
-	bool		wake;
 
 	if (pub == NULL || txn == NULL)
 		return;
@@ -166,26 +153,20 @@ kb_publisher_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void
 		set_failure(pub, "delivery to topic \"%s\" partition %d failed: %s",
 					rd_kafka_topic_name(msg->rkt), msg->partition,
 					rd_kafka_err2str(msg->err));
-		kb_kafka_client_wake(pub->client);
 		return;
 	}
-	pg_atomic_fetch_add_u64(&pub->acknowledged, 1);
-	wake = txn->wake;
-	if (pg_atomic_sub_fetch_u64(&txn->outstanding, 1) == 0 && wake)
-		kb_kafka_client_wake(pub->client);
-	else if (pg_atomic_read_u32(&pub->room_wanted) &&
-			 pg_atomic_exchange_u32(&pub->room_wanted, 0))
-		kb_kafka_client_wake(pub->client);
+	pub->acknowledged++;
+	txn->outstanding--;
 }
 
 /* Count the records acknowledged since the last call in the status. */
 static void
 report_acknowledged(KbPublisher *pub)
 {
-	uint64		n = pg_atomic_exchange_u64(&pub->acknowledged, 0);
-
-	if (n > 0)
-		pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published, n);
+	if (pub->acknowledged > 0)
+		pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published,
+								pub->acknowledged);
+	pub->acknowledged = 0;
 }
 
 static void
@@ -277,7 +258,6 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 		MemoryContext old = MemoryContextSwitchTo(pub->cxt);
 
 		pub->open_txn = palloc0(sizeof(PendingTxn));
-		pg_atomic_init_u64(&pub->open_txn->outstanding, 0);
 		dlist_push_tail(&pub->pending, &pub->open_txn->node);
 		MemoryContextSwitchTo(old);
 	}
@@ -285,7 +265,7 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 		batch = pub->open_txn;
 
 	/* counted before it can be acknowledged */
-	pg_atomic_fetch_add_u64(&batch->outstanding, 1);
+	batch->outstanding++;
 	for (;;)
 	{
 		/* a record without headers (most sends) needs no header list */
@@ -317,7 +297,6 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 			waiting = true;
 		}
 		/* until an acknowledgement makes room (or 50 ms) */
-		pg_atomic_write_u32(&pub->room_wanted, 1);
 		kb_kafka_client_poll(pub->client, 50);
 		report_acknowledged(pub);
 		if (kb_kafka_client_last_error(pub->client)[0])
@@ -343,7 +322,7 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 	}
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
-		pg_atomic_fetch_sub_u64(&batch->outstanding, 1);
+		batch->outstanding--;
 		if (headers)
 			rd_kafka_headers_destroy(headers);
 		set_failure(pub, "cannot produce to topic \"%s\": %s", rd_kafka_topic_name(rkt),
@@ -532,12 +511,7 @@ kb_publisher_start(int status_slot, KbKafkaClient *client)
 	XLogBeginRead(pub->ctx->reader, MyReplicationSlot->data.restart_lsn);
 	pub->confirmed = MyReplicationSlot->data.confirmed_flush;
 	pub->saved = pub->confirmed;
-	pg_atomic_init_u64(&pub->acknowledged, 0);
-	pg_atomic_init_u32(&pub->room_wanted, 0);
-	pg_atomic_init_u32(&pub->failed, 0);
-	pthread_mutex_init(&pub->failure_lock, NULL);
 	current = pub;
-	kb_kafka_client_serve_in_thread(client);
 
 	ereport(LOG,
 			(errmsg("kafka_bridge is publishing from replication slot \"%s\" at %X/%X",
@@ -551,8 +525,6 @@ kb_publisher_stop(KbPublisher *pub)
 {
 	if (pub == NULL)
 		return;
-	/* no acknowledgement is served from here on, until the next poll */
-	kb_kafka_client_serve_here(pub->client);
 	report_acknowledged(pub);
 	for (int i = 0; i < pub->ntopics; i++)
 		rd_kafka_topic_destroy(pub->topics[i].rkt);
@@ -581,7 +553,7 @@ confirm_acknowledged(KbPublisher *pub)
 	{
 		PendingTxn *head = dlist_head_element(PendingTxn, node, &pub->pending);
 
-		if (!head->committed || pg_atomic_read_u64(&head->outstanding) > 0)
+		if (!head->committed || head->outstanding > 0)
 			break;
 		target = head->end_lsn;
 		dlist_delete(&head->node);
@@ -657,9 +629,7 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 
 	if (is_failed(pub))
 	{
-		pthread_mutex_lock(&pub->failure_lock);
 		strlcpy(error, pub->failure, error_size);
-		pthread_mutex_unlock(&pub->failure_lock);
 		return false;
 	}
 	confirm_acknowledged(pub);
@@ -701,11 +671,7 @@ KbPublishBatch *
 kb_publisher_batch_new(KbPublisher *pub)
 {
 	/* in pub->cxt: acknowledgements may come after the batch is given up */
-	PendingTxn *batch = MemoryContextAllocZero(pub->cxt, sizeof(PendingTxn));
-
-	pg_atomic_init_u64(&batch->outstanding, 0);
-	batch->wake = true;
-	return (KbPublishBatch *) batch;
+	return (KbPublishBatch *) MemoryContextAllocZero(pub->cxt, sizeof(PendingTxn));
 }
 
 /* Whether a delivery failed: the worker starts the publisher again. */
@@ -719,7 +685,7 @@ kb_publisher_failed(KbPublisher *pub)
 bool
 kb_publisher_batch_acknowledged(KbPublishBatch *batch)
 {
-	return pg_atomic_read_u64(&((PendingTxn *) batch)->outstanding) == 0;
+	return ((PendingTxn *) batch)->outstanding == 0;
 }
 
 /*

@@ -313,9 +313,10 @@ kafka_bridge_worker_main(Datum arg)
 	BackgroundWorkerUnblockSignals();
 
 	/*
-	 * Every Kafka record is malloc'd here and freed by librdkafka's broker
-	 * thread; glibc's fast bins then fill with chunks that each larger
-	 * malloc consolidates again.  Without fast bins that work goes away.
+	 * Every Kafka record and each of its headers is malloc'd here, and
+	 * freed in bursts of thousands when their acknowledgements are served;
+	 * glibc's fast bins then fill with chunks that each larger malloc
+	 * consolidates again.  Without fast bins that work goes away.
 	 */
 	mallopt(M_MXFAST, 0);
 
