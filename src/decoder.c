@@ -42,6 +42,9 @@
  *
  * A commit frame ends each transaction that produced at least one record;
  * a transaction without any published change produces nothing at all.
+ * When it decodes for kafka_bridge's publisher (kb_publisher_of()), in the
+ * publisher's process, the plugin writes no frames: it hands the same
+ * records and commits to the publisher directly.
  *
  * Which tables are published is cached per relation and invalidated by the
  * relcache invalidations that publish() and unpublish() send, and that
