@@ -8,7 +8,9 @@
 # warm_broker are defined, and KCAT_PRODUCER holds kcat's producer options.  BENCH_PG_SETTINGS, set before sourcing, holds extra
 # postgresql.conf lines for every instance; start_instance starts more
 # instances (bench/apply runs two).  KB_BENCH_KEEP=1 keeps the instances'
-# data directories and logs (WORK) for a look afterwards.
+# data directories and logs (WORK) for a look afterwards.  KB_BENCH_CASES,
+# where a benchmark has several cases, names the ones to run (all by
+# default); the results file then holds only those.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PGBIN=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
@@ -24,7 +26,7 @@ if [ "$(id -u)" = 0 ]; then
 	chown -R postgres: "$COPY"
 	set +e
 	runuser -u postgres -- env PATH="$PATH" KAFKA_BRIDGE_CACHE="$KAFKA_BRIDGE_CACHE" HOME="$COPY" \
-		KB_BENCH_PROFILE="${KB_BENCH_PROFILE:-}" KB_BENCH_KEEP="${KB_BENCH_KEEP:-}" "$COPY/bench/$BENCH" "$@"
+		KB_BENCH_PROFILE="${KB_BENCH_PROFILE:-}" KB_BENCH_KEEP="${KB_BENCH_KEEP:-}" KB_BENCH_CASES="${KB_BENCH_CASES:-}" "$COPY/bench/$BENCH" "$@"
 	rc=$?
 	set -e
 	mkdir -p "$REPO/bench/results"
@@ -56,6 +58,8 @@ cleanup() {
 trap cleanup EXIT
 
 say() { printf '%s\n' "$*" >&2; }
+# selected CASE: true when KB_BENCH_CASES is empty or names CASE
+selected() { [ -z "${KB_BENCH_CASES:-}" ] || [[ " $KB_BENCH_CASES " == *" $1 "* ]]; }
 sql() { psql -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
 now() { date +%s.%N; }
 # wait_for SQL: return once the boolean SQL is true, polled every 10 ms from

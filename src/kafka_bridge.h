@@ -176,6 +176,8 @@ extern rd_kafka_t *kb_kafka_client_handle(KbKafkaClient *client);
 extern const char *kb_kafka_client_last_error(KbKafkaClient *client);
 extern void kb_kafka_client_destroy(KbKafkaClient *client);
 extern void kb_kafka_client_poll(KbKafkaClient *client, int timeout_ms);
+extern void kb_kafka_client_set_threaded(KbKafkaClient *client, bool threaded);
+extern void kb_kafka_client_wake(KbKafkaClient *client);
 extern bool kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 								  char *brokers, size_t brokers_size,
 								  char *error, size_t error_size);
@@ -183,6 +185,29 @@ extern char *kb_kafka_settings_fingerprint(void);
 extern bool kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool compact,
 								  char *error, size_t error_size);
 extern bool kb_reload_settings(char **fingerprint);
+
+/* ---- producer_thread.c ---- */
+
+typedef struct KbProducerThread KbProducerThread;
+typedef struct KbRecordHeader
+{
+	const char *name;
+	const char *value;			/* NULL: a null header */
+	int			value_len;
+} KbRecordHeader;
+/* a record librdkafka refused; runs on the producing thread */
+typedef void (*KbProduceErrorCallback) (void *opaque, rd_kafka_topic_t *rkt,
+										rd_kafka_resp_err_t err);
+
+extern KbProducerThread *kb_producer_thread_start(KbKafkaClient *client,
+												  KbProduceErrorCallback on_error);
+extern void kb_producer_thread_stop(KbProducerThread *pt);
+extern bool kb_producer_thread_put(KbProducerThread *pt, rd_kafka_topic_t *rkt,
+								   void *opaque, const char *key, int key_len,
+								   const char *value, int value_len,
+								   const KbRecordHeader *headers, int nheaders);
+extern bool kb_producer_thread_drained(KbProducerThread *pt);
+extern bool kb_producer_thread_queue_full(KbProducerThread *pt);
 
 /* ---- publisher.c ---- */
 

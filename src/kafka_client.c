@@ -8,11 +8,12 @@
  * the worker, and the threads are created with every signal blocked so
  * that PostgreSQL's handlers only run on the worker's thread.
  *
- * Delivery reports and errors come on librdkafka's main queue, which
- * kb_kafka_client_poll() serves too, on the worker's thread.  (Serving it
- * on a thread of our own was measured slower: that thread frees each
- * record and its headers while the worker allocates the next ones, and the
- * two then wait on each other for malloc's lock.)
+ * Delivery reports and errors come on librdkafka's main queue.  By default
+ * kb_kafka_client_poll() serves it too.  The publisher has it served by
+ * its producing thread instead (producer_thread.c), which also produces
+ * the records, so that malloc and free of a record happen on one thread.
+ * The delivery callback must then run no PostgreSQL code (no palloc, no
+ * elog, no GUC); the error callback only copies the error under a lock.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -31,22 +32,28 @@
 struct KbKafkaClient
 {
 	rd_kafka_t *rk;
-	rd_kafka_queue_t *logq;		/* librdkafka's logs */
+	rd_kafka_queue_t *logq;		/* librdkafka's logs, served on our thread */
 	KbClientRole role;
 	/* latest error reported by librdkafka that names a broker, as reported */
+	pthread_mutex_t error_lock;
 	char		last_error[512];
-	/* the same, secrets redacted */
+	/* the same, secrets redacted, for the worker's thread */
 	char		last_error_shown[512];
+	/* a thread of the caller's serves the main queue */
+	bool		threaded;
 };
 
+/* (may run on the publisher's producing thread) */
 static void
 client_error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 {
 	KbKafkaClient *client = (KbKafkaClient *) opaque;
 
+	pthread_mutex_lock(&client->error_lock);
 	/* "1/1 brokers are down" names no address: keep the previous, better one */
 	if (err != RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN || !client->last_error[0])
 		strlcpy(client->last_error, reason, sizeof(client->last_error));
+	pthread_mutex_unlock(&client->error_lock);
 }
 
 static void
@@ -89,6 +96,7 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 	bool		ok;
 
 	client->role = role;
+	pthread_mutex_init(&client->error_lock, NULL);
 	*detail = NULL;
 
 	/*
@@ -171,6 +179,27 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 }
 
 /*
+ * Whether a thread of the caller's serves the client's main queue
+ * (delivery reports and errors: producer_thread.c); kb_kafka_client_poll()
+ * then serves the logs only.
+ */
+void
+kb_kafka_client_set_threaded(KbKafkaClient *client, bool threaded)
+{
+	client->threaded = threaded;
+}
+
+/*
+ * Cut short a kb_kafka_client_poll() waiting on the worker's thread (or
+ * the next one): callable from any thread.
+ */
+void
+kb_kafka_client_wake(KbKafkaClient *client)
+{
+	rd_kafka_queue_yield(client->logq);
+}
+
+/*
  * Destroy a client.  Records still queued or in flight are dropped, not
  * waited for: the publisher only ever drops what it has not confirmed, and
  * decodes it again.
@@ -180,6 +209,7 @@ kb_kafka_client_destroy(KbKafkaClient *client)
 {
 	if (client == NULL)
 		return;
+	Assert(!client->threaded);
 	rd_kafka_queue_destroy(client->logq);
 	if (client->role == KB_CLIENT_PRODUCER)
 		rd_kafka_purge(client->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
@@ -194,7 +224,9 @@ kb_kafka_client_destroy(KbKafkaClient *client)
 const char *
 kb_kafka_client_last_error(KbKafkaClient *client)
 {
+	pthread_mutex_lock(&client->error_lock);
 	strlcpy(client->last_error_shown, client->last_error, sizeof(client->last_error_shown));
+	pthread_mutex_unlock(&client->error_lock);
 	kb_redact_secrets(client->last_error_shown);
 	return client->last_error_shown;
 }
@@ -206,14 +238,19 @@ kb_kafka_client_handle(KbKafkaClient *client)
 }
 
 /*
- * Serve callbacks (delivery reports, errors, then logs), waiting up to
- * timeout_ms for the first one.
+ * Serve callbacks (logs; errors and delivery reports unless a thread serves
+ * them), waiting up to timeout_ms for the first one or kb_kafka_client_wake().
  */
 void
 kb_kafka_client_poll(KbKafkaClient *client, int timeout_ms)
 {
-	rd_kafka_poll(client->rk, timeout_ms);
-	rd_kafka_queue_poll_callback(client->logq, 0);
+	if (client->threaded)
+		rd_kafka_queue_poll_callback(client->logq, timeout_ms);
+	else
+	{
+		rd_kafka_poll(client->rk, timeout_ms);
+		rd_kafka_queue_poll_callback(client->logq, 0);
+	}
 }
 
 /*
@@ -245,7 +282,9 @@ kb_kafka_client_probe(KbKafkaClient *client, int timeout_ms,
 		strlcpy(brokers, buf.data, brokers_size);
 		pfree(buf.data);
 		rd_kafka_metadata_destroy(md);
+		pthread_mutex_lock(&client->error_lock);
 		client->last_error[0] = '\0';
+		pthread_mutex_unlock(&client->error_lock);
 		return true;
 	}
 

@@ -29,12 +29,15 @@
  * context and the producer: the worker starts again from the confirmed
  * position (at-least-once; the apply side recognises replays).
  *
- * Acknowledgements (delivery reports) are served on the worker's thread,
- * whenever it polls the producer's client (kafka_client.c says why not on
- * a thread of their own).
+ * The worker's thread decodes; the publisher's producing thread
+ * (producer_thread.c) hands the records to librdkafka and serves their
+ * acknowledgements (delivery reports): the delivery callback only counts
+ * down atomics and records a failure, and the worker's thread reads them.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <pthread.h>
 
 #include "access/xact.h"
 #include "access/xlog.h"
@@ -64,7 +67,8 @@ typedef struct PendingTxn
 	dlist_node	node;
 	XLogRecPtr	end_lsn;		/* commit end; valid once committed */
 	bool		committed;		/* its commit was decoded */
-	uint64		outstanding;	/* records produced, not acknowledged */
+	bool		wake;			/* a batch: wake the worker once acknowledged */
+	pg_atomic_uint64 outstanding;	/* records produced, not acknowledged */
 } PendingTxn;
 
 #define KB_TOPIC_HANDLES 32
@@ -74,6 +78,8 @@ struct KbPublisher
 	int			status_slot;
 	char		slot_name[NAMEDATALEN];
 	KbKafkaClient *client;
+	KbProducerThread *thread;	/* produces the records and serves their
+								 * acknowledgements */
 	LogicalDecodingContext *ctx;
 	MemoryContext cxt;			/* PendingTxn entries */
 	MemoryContext decode_cxt;	/* current while decoding: the WAL reader
@@ -83,11 +89,13 @@ struct KbPublisher
 	XLogRecPtr	confirmed;		/* last position given to the slot */
 	XLogRecPtr	saved;			/* last confirmed position written to disk */
 	TimestampTz saved_at;
-	uint64		acknowledged;	/* records acknowledged, not yet counted in
-								 * the status (one add to shared memory per
-								 * step, not per record) */
-	bool		failed;			/* a delivery failed: start again */
-	char		failure[512];	/* why */
+	/* written by the producing thread too: */
+	pg_atomic_uint64 acknowledged;	/* records acknowledged, not yet counted
+									 * in the status (one add to shared memory
+									 * per step, not per record) */
+	pg_atomic_uint32 failed;	/* a delivery failed: start again */
+	pthread_mutex_t failure_lock;
+	char		failure[512];	/* why, under failure_lock */
 	XLogRecPtr	step_target;	/* the WAL end the last step decoded towards */
 	/* topic handles, so that producing does not look each topic up by name */
 	int			ntopics;
@@ -111,7 +119,7 @@ slot_name_for(char *buf, Oid dboid)
 
 /*
  * Fail the publisher, saying why, unless it failed already: the worker
- * starts it again.
+ * starts it again.  Callable from either thread (no PostgreSQL code).
  */
 static void
 set_failure(KbPublisher *pub, const char *fmt,...) pg_attribute_printf(2, 3);
@@ -121,30 +129,49 @@ set_failure(KbPublisher *pub, const char *fmt,...)
 {
 	va_list		args;
 
-	if (!pub->failed)
+	pthread_mutex_lock(&pub->failure_lock);
+	if (!pg_atomic_read_u32(&pub->failed))
 	{
 		va_start(args, fmt);
 		vsnprintf(pub->failure, sizeof(pub->failure), fmt, args);
 		va_end(args);
-		pub->failed = true;
+		pg_atomic_write_u32(&pub->failed, 1);
 	}
+	pthread_mutex_unlock(&pub->failure_lock);
 }
 
 static inline bool
 is_failed(KbPublisher *pub)
 {
-	return pub->failed;
+	return pg_atomic_read_u32(&pub->failed) != 0;
+}
+
+/*
+ * Wake the worker's thread from the producing thread, wherever it waits:
+ * on its latch (the worker's loop) or polling the client (waiting for room
+ * in the ring).  SetLatch() is safe here as it is in a signal handler: it
+ * sets flags and signals our own process, which only the worker's thread
+ * receives (every other thread blocks every signal).
+ */
+static void
+wake_worker(KbPublisher *pub)
+{
+	SetLatch(MyLatch);
+	kb_kafka_client_wake(pub->client);
 }
 
 /*
  * Called by librdkafka once per record, acknowledged by the brokers or
- * failed for good, while the worker polls the producer's client.
+ * failed for good, on the producing thread (producer_thread.c): no
+ * PostgreSQL code here.  The count down of the record's transaction is the
+ * last touch of it: the worker frees it once it reads zero.
  */
 void
 kb_publisher_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
 {
 	KbPublisher *pub = current;
 	PendingTxn *txn = (PendingTxn *) msg->_private;
+	bool		wake;
 
 	if (pub == NULL || txn == NULL)
 		return;
@@ -153,20 +180,38 @@ kb_publisher_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void
 		set_failure(pub, "delivery to topic \"%s\" partition %d failed: %s",
 					rd_kafka_topic_name(msg->rkt), msg->partition,
 					rd_kafka_err2str(msg->err));
+		wake_worker(pub);
 		return;
 	}
-	pub->acknowledged++;
-	txn->outstanding--;
+	pg_atomic_fetch_add_u64(&pub->acknowledged, 1);
+	wake = txn->wake;
+	if (pg_atomic_sub_fetch_u64(&txn->outstanding, 1) == 0 && wake)
+		wake_worker(pub);
+}
+
+/* A record librdkafka refused, on the producing thread: as for a report. */
+static void
+produce_failed(void *opaque, rd_kafka_topic_t *rkt, rd_kafka_resp_err_t err)
+{
+	KbPublisher *pub = current;
+	PendingTxn *txn = (PendingTxn *) opaque;
+
+	if (pub == NULL)
+		return;
+	set_failure(pub, "cannot produce to topic \"%s\": %s", rd_kafka_topic_name(rkt),
+				rd_kafka_err2str(err));
+	pg_atomic_fetch_sub_u64(&txn->outstanding, 1);
+	wake_worker(pub);
 }
 
 /* Count the records acknowledged since the last call in the status. */
 static void
 report_acknowledged(KbPublisher *pub)
 {
-	if (pub->acknowledged > 0)
-		pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published,
-								pub->acknowledged);
-	pub->acknowledged = 0;
+	uint64		n = pg_atomic_exchange_u64(&pub->acknowledged, 0);
+
+	if (n > 0)
+		pg_atomic_fetch_add_u64(&kb_status_slot(pub->status_slot)->events_published, n);
 }
 
 static void
@@ -174,6 +219,46 @@ prepare_write(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
 			  bool last_write)
 {
 	resetStringInfo(ctx->out);
+}
+
+/*
+ * Wait a little for the producing thread to make room in its ring (it
+ * wakes us), doing meanwhile what the worker's loop would: interrupts, a
+ * reload, the status (once librdkafka's own queue is full: the broker is
+ * slow or away).
+ */
+static void
+wait_for_thread(KbPublisher *pub, bool *waiting)
+{
+	if (!*waiting && kb_producer_thread_queue_full(pub->thread))
+	{
+		pgstat_report_activity(STATE_RUNNING, "waiting for the broker: the producer queue is full");
+		kb_status_set(pub->status_slot, KB_STATE_ERROR,
+					  "waiting for the broker: the producer queue is full");
+		*waiting = true;
+	}
+	kb_kafka_client_poll(pub->client, 50);
+	report_acknowledged(pub);
+	if (*waiting && kb_kafka_client_last_error(pub->client)[0])
+		kb_status_set_error(pub->status_slot, KB_STATE_ERROR, "cannot reach Kafka at \"%s\": %s",
+							kb_bootstrap_servers, kb_kafka_client_last_error(pub->client));
+	pg_atomic_write_u64(&kb_status_slot(pub->status_slot)->publish_lag_bytes,
+						GetFlushRecPtr(NULL) - Min(pub->confirmed, GetFlushRecPtr(NULL)));
+	CHECK_FOR_INTERRUPTS();
+	if (ConfigReloadPending)
+	{
+		char	   *before = kb_kafka_settings_fingerprint();
+
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+		/* new Kafka settings need a new producer: start over */
+		if (strcmp(before, kb_kafka_settings_fingerprint()) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIG_FILE_ERROR),
+					 errmsg("kafka_bridge restarts publishing with the reloaded Kafka settings")));
+	}
+	if (!PostmasterIsAlive())
+		proc_exit(1);
 }
 
 /*
@@ -195,6 +280,11 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 			return pub->topics[i].rkt;
 	if (pub->ntopics == KB_TOPIC_HANDLES)
 	{
+		bool		waiting = false;
+
+		/* records in the producing thread's ring may name that topic */
+		while (!kb_producer_thread_drained(pub->thread))
+			wait_for_thread(pub, &waiting);
 		rd_kafka_topic_destroy(pub->topics[0].rkt);
 		memmove(&pub->topics[0], &pub->topics[1], sizeof(pub->topics[0]) * (KB_TOPIC_HANDLES - 1));
 		pub->ntopics--;
@@ -220,21 +310,20 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 }
 
 /*
- * Produce one record, waiting while the queue is full.  key and value may
- * be NULL (key_len and value_len are then ignored); headers (NULL for none)
- * become the record's.  Its acknowledgement counts down batch, or the open
- * transaction's entry when batch is NULL.  row_topic: a topic created for
- * it holds row events (see below).
+ * Hand one record to the producing thread, waiting while its ring is full.
+ * key and value may be NULL (key_len and value_len are then ignored).  Its
+ * acknowledgement counts down batch, or the open transaction's entry when
+ * batch is NULL.  row_topic: a topic created for it holds row events (see
+ * below).
  */
 static void
 produce(KbPublisher *pub, const char *topic, int topic_len,
 		const char *key, int key_len, const char *value, int value_len,
-		rd_kafka_headers_t *headers, bool row_topic, PendingTxn *batch)
+		const KbRecordHeader *headers, int nheaders, bool row_topic, PendingTxn *batch)
 {
 	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
 	rd_kafka_topic_t *rkt;
 	bool		waiting = false;
-	rd_kafka_resp_err_t err;
 
 	if (topic_len <= 0 || topic_len >= sizeof(pub->topics[0].name))
 		elog(ERROR, "kafka_bridge output plugin sent a topic name of %d bytes", topic_len);
@@ -247,17 +336,14 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 	rkt = is_failed(pub) ? NULL :
 		topic_handle(pub, rk, topic, topic_len, row_topic && key && key_len > 0 && key[0] == '{');
 	if (rkt == NULL)
-	{
-		if (headers)
-			rd_kafka_headers_destroy(headers);
 		return;
-	}
 
 	if (batch == NULL && pub->open_txn == NULL)
 	{
 		MemoryContext old = MemoryContextSwitchTo(pub->cxt);
 
 		pub->open_txn = palloc0(sizeof(PendingTxn));
+		pg_atomic_init_u64(&pub->open_txn->outstanding, 0);
 		dlist_push_tail(&pub->pending, &pub->open_txn->node);
 		MemoryContextSwitchTo(old);
 	}
@@ -265,69 +351,10 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 		batch = pub->open_txn;
 
 	/* counted before it can be acknowledged */
-	batch->outstanding++;
-	for (;;)
-	{
-		/* a record without headers (most sends) needs no header list */
-		if (headers)
-			err = rd_kafka_producev(rk,
-									RD_KAFKA_V_RKT(rkt),
-									RD_KAFKA_V_KEY(key, key ? key_len : 0),
-									RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
-									RD_KAFKA_V_HEADERS(headers),
-									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-									RD_KAFKA_V_OPAQUE(batch),
-									RD_KAFKA_V_END);
-		else
-			err = rd_kafka_producev(rk,
-									RD_KAFKA_V_RKT(rkt),
-									RD_KAFKA_V_KEY(key, key ? key_len : 0),
-									RD_KAFKA_V_VALUE((void *) value, value ? value_len : 0),
-									RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-									RD_KAFKA_V_OPAQUE(batch),
-									RD_KAFKA_V_END);
-		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
-			break;
-		/* back-pressure: the broker is slow or away; wait for room */
-		if (!waiting)
-		{
-			pgstat_report_activity(STATE_RUNNING, "waiting for the broker: the producer queue is full");
-			kb_status_set(pub->status_slot, KB_STATE_ERROR,
-						  "waiting for the broker: the producer queue is full");
-			waiting = true;
-		}
-		/* until an acknowledgement makes room (or 50 ms) */
-		kb_kafka_client_poll(pub->client, 50);
-		report_acknowledged(pub);
-		if (kb_kafka_client_last_error(pub->client)[0])
-			kb_status_set_error(pub->status_slot, KB_STATE_ERROR, "cannot reach Kafka at \"%s\": %s",
-								kb_bootstrap_servers, kb_kafka_client_last_error(pub->client));
-		pg_atomic_write_u64(&kb_status_slot(pub->status_slot)->publish_lag_bytes,
-							GetFlushRecPtr(NULL) - Min(pub->confirmed, GetFlushRecPtr(NULL)));
-		CHECK_FOR_INTERRUPTS();
-		if (ConfigReloadPending)
-		{
-			char	   *before = kb_kafka_settings_fingerprint();
-
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			/* new Kafka settings need a new producer: start over */
-			if (strcmp(before, kb_kafka_settings_fingerprint()) != 0)
-				ereport(ERROR,
-						(errcode(ERRCODE_CONFIG_FILE_ERROR),
-						 errmsg("kafka_bridge restarts publishing with the reloaded Kafka settings")));
-		}
-		if (!PostmasterIsAlive())
-			proc_exit(1);
-	}
-	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
-	{
-		batch->outstanding--;
-		if (headers)
-			rd_kafka_headers_destroy(headers);
-		set_failure(pub, "cannot produce to topic \"%s\": %s", rd_kafka_topic_name(rkt),
-					rd_kafka_err2str(err));
-	}
+	pg_atomic_fetch_add_u64(&batch->outstanding, 1);
+	while (!kb_producer_thread_put(pub->thread, rkt, batch, key, key_len,
+								   value, value_len, headers, nheaders))
+		wait_for_thread(pub, &waiting);
 }
 
 /*
@@ -345,18 +372,24 @@ kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len)
 	int			value_len = pq_getmsgint(&in, 4);
 	const char *value = value_len >= 0 ? pq_getmsgbytes(&in, value_len) : NULL;
 	int			nheaders = pq_getmsgint(&in, 2);
-	rd_kafka_headers_t *headers = nheaders > 0 ? rd_kafka_headers_new(nheaders) : NULL;
+	KbRecordHeader *headers = palloc(sizeof(KbRecordHeader) * Max(nheaders, 1));
 
 	for (int i = 0; i < nheaders; i++)
 	{
 		int			name_len = pq_getmsgint(&in, 2);
 		const char *name = pq_getmsgbytes(&in, name_len);
 		int			hv_len = pq_getmsgint(&in, 4);
-		const char *hv = hv_len >= 0 ? pq_getmsgbytes(&in, hv_len) : NULL;
 
-		rd_kafka_header_add(headers, name, name_len, hv, hv_len >= 0 ? hv_len : 0);
+		/* the thread wants names terminated */
+		headers[i].name = pnstrdup(name, name_len);
+		headers[i].value = hv_len >= 0 ? pq_getmsgbytes(&in, hv_len) : NULL;
+		headers[i].value_len = Max(hv_len, 0);
 	}
-	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, false, NULL);
+	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, nheaders,
+			false, NULL);
+	for (int i = 0; i < nheaders; i++)
+		pfree((char *) headers[i].name);
+	pfree(headers);
 }
 
 /*
@@ -370,18 +403,23 @@ kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 					 const char *key, int key_len, const char *value, int value_len,
 					 const KbEventHeaders *eh)
 {
-	rd_kafka_headers_t *headers = rd_kafka_headers_new(5);
+	KbRecordHeader headers[5];
+	int			n = 0;
 
-	rd_kafka_header_add(headers, KB_HEADER_EVENT, -1, eh->event, -1);
-	rd_kafka_header_add(headers, KB_HEADER_ORIGIN, -1, eh->origin, -1);
+#define ADD_HEADER(hname, hvalue) \
+	(headers[n].name = (hname), headers[n].value = (hvalue), \
+	 headers[n].value_len = strlen(hvalue), n++)
+	ADD_HEADER(KB_HEADER_EVENT, eh->event);
+	ADD_HEADER(KB_HEADER_ORIGIN, eh->origin);
 	if (eh->lsn)
 	{
-		rd_kafka_header_add(headers, KB_HEADER_LSN, -1, eh->lsn, -1);
-		rd_kafka_header_add(headers, KB_HEADER_SEQ, -1, eh->seq, -1);
+		ADD_HEADER(KB_HEADER_LSN, eh->lsn);
+		ADD_HEADER(KB_HEADER_SEQ, eh->seq);
 	}
 	if (eh->commit_time)
-		rd_kafka_header_add(headers, KB_HEADER_COMMIT_TIME, -1, eh->commit_time, -1);
-	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, true,
+		ADD_HEADER(KB_HEADER_COMMIT_TIME, eh->commit_time);
+#undef ADD_HEADER
+	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, n, true,
 			(PendingTxn *) batch);
 }
 
@@ -511,7 +549,11 @@ kb_publisher_start(int status_slot, KbKafkaClient *client)
 	XLogBeginRead(pub->ctx->reader, MyReplicationSlot->data.restart_lsn);
 	pub->confirmed = MyReplicationSlot->data.confirmed_flush;
 	pub->saved = pub->confirmed;
+	pg_atomic_init_u64(&pub->acknowledged, 0);
+	pg_atomic_init_u32(&pub->failed, 0);
+	pthread_mutex_init(&pub->failure_lock, NULL);
 	current = pub;
+	pub->thread = kb_producer_thread_start(client, produce_failed);
 
 	ereport(LOG,
 			(errmsg("kafka_bridge is publishing from replication slot \"%s\" at %X/%X",
@@ -525,6 +567,8 @@ kb_publisher_stop(KbPublisher *pub)
 {
 	if (pub == NULL)
 		return;
+	/* nothing is produced from here on, no acknowledgement served until the next poll */
+	kb_producer_thread_stop(pub->thread);
 	report_acknowledged(pub);
 	for (int i = 0; i < pub->ntopics; i++)
 		rd_kafka_topic_destroy(pub->topics[i].rkt);
@@ -553,7 +597,7 @@ confirm_acknowledged(KbPublisher *pub)
 	{
 		PendingTxn *head = dlist_head_element(PendingTxn, node, &pub->pending);
 
-		if (!head->committed || head->outstanding > 0)
+		if (!head->committed || pg_atomic_read_u64(&head->outstanding) > 0)
 			break;
 		target = head->end_lsn;
 		dlist_delete(&head->node);
@@ -629,7 +673,9 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 
 	if (is_failed(pub))
 	{
+		pthread_mutex_lock(&pub->failure_lock);
 		strlcpy(error, pub->failure, error_size);
+		pthread_mutex_unlock(&pub->failure_lock);
 		return false;
 	}
 	confirm_acknowledged(pub);
@@ -671,7 +717,11 @@ KbPublishBatch *
 kb_publisher_batch_new(KbPublisher *pub)
 {
 	/* in pub->cxt: acknowledgements may come after the batch is given up */
-	return (KbPublishBatch *) MemoryContextAllocZero(pub->cxt, sizeof(PendingTxn));
+	PendingTxn *batch = MemoryContextAllocZero(pub->cxt, sizeof(PendingTxn));
+
+	pg_atomic_init_u64(&batch->outstanding, 0);
+	batch->wake = true;
+	return (KbPublishBatch *) batch;
 }
 
 /* Whether a delivery failed: the worker starts the publisher again. */
@@ -685,7 +735,7 @@ kb_publisher_failed(KbPublisher *pub)
 bool
 kb_publisher_batch_acknowledged(KbPublishBatch *batch)
 {
-	return ((PendingTxn *) batch)->outstanding == 0;
+	return pg_atomic_read_u64(&((PendingTxn *) batch)->outstanding) == 0;
 }
 
 /*

@@ -273,20 +273,15 @@ worker_loop(const char *dbname)
 			snapshot = kb_snapshot_step(w.pub, my_slot);
 
 		/*
-		 * No sleep while WAL or a snapshot chunk waits.  While only a
-		 * snapshot's acknowledgements do, wait for them in the producer
-		 * (a loop that polled without waiting would take the CPU the
-		 * producer's threads and a local broker need).  Short naps while
-		 * the stream's acknowledgements do.
+		 * No sleep while WAL or a snapshot chunk waits.  Short naps while
+		 * acknowledgements do: a commit wakes us, and so does the producing
+		 * thread once a snapshot chunk is acknowledged (a loop that polled
+		 * without waiting would take the CPU the producer's threads and a
+		 * local broker need).
 		 */
 		if (w.pub && (!kb_publisher_caught_up(w.pub) || snapshot == KB_SNAPSHOT_READY))
 			nap = 0;
-		else if (w.pub && snapshot == KB_SNAPSHOT_WAITING)
-		{
-			kb_kafka_client_poll(w.client, 10);
-			nap = 0;
-		}
-		else if (w.pub && kb_publisher_pending(w.pub))
+		else if (w.pub && (snapshot == KB_SNAPSHOT_WAITING || kb_publisher_pending(w.pub)))
 			nap = 10;
 		else
 			nap = Min(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), w.next_probe), 1000L);
@@ -313,10 +308,11 @@ kafka_bridge_worker_main(Datum arg)
 	BackgroundWorkerUnblockSignals();
 
 	/*
-	 * Every Kafka record and each of its headers is malloc'd here, and
-	 * freed in bursts of thousands when their acknowledgements are served;
-	 * glibc's fast bins then fill with chunks that each larger malloc
-	 * consolidates again.  Without fast bins that work goes away.
+	 * Every Kafka record and each of its headers is malloc'd (on the
+	 * publisher's producing thread), and freed in bursts of thousands when
+	 * their acknowledgements are served; glibc's fast bins then fill with
+	 * chunks that each larger malloc consolidates again.  Without fast bins
+	 * that work goes away.
 	 */
 	mallopt(M_MXFAST, 0);
 
