@@ -191,7 +191,8 @@ extern bool kb_reload_settings(char **fingerprint);
 typedef struct KbProducerThread KbProducerThread;
 typedef struct KbRecordHeader
 {
-	const char *name;
+	const char *name;			/* not terminated: name_len bytes */
+	int			name_len;
 	const char *value;			/* NULL: a null header */
 	int			value_len;
 } KbRecordHeader;

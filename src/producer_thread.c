@@ -84,7 +84,7 @@ payload_size(int key_len, int value_len, const KbRecordHeader *headers, int nhea
 	size_t		size = Max(key_len, 0) + Max(value_len, 0);
 
 	for (int i = 0; i < nheaders; i++)
-		size += HEADER_FIXED + strlen(headers[i].name) + Max(headers[i].value_len, 0);
+		size += HEADER_FIXED + headers[i].name_len + Max(headers[i].value_len, 0);
 	return size;
 }
 
@@ -104,7 +104,7 @@ copy_payload(char *p, const char *key, int key_len, const char *value, int value
 	}
 	for (int i = 0; i < nheaders; i++)
 	{
-		uint16		name_len = strlen(headers[i].name);
+		uint16		name_len = headers[i].name_len;
 		int32		hv_len = headers[i].value ? headers[i].value_len : -1;
 
 		memcpy(p, &name_len, sizeof(name_len));

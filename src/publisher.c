@@ -376,19 +376,16 @@ kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len)
 
 	for (int i = 0; i < nheaders; i++)
 	{
-		int			name_len = pq_getmsgint(&in, 2);
-		const char *name = pq_getmsgbytes(&in, name_len);
-		int			hv_len = pq_getmsgint(&in, 4);
+		int			hv_len;
 
-		/* the thread wants names terminated */
-		headers[i].name = pnstrdup(name, name_len);
+		headers[i].name_len = pq_getmsgint(&in, 2);
+		headers[i].name = pq_getmsgbytes(&in, headers[i].name_len);
+		hv_len = pq_getmsgint(&in, 4);
 		headers[i].value = hv_len >= 0 ? pq_getmsgbytes(&in, hv_len) : NULL;
 		headers[i].value_len = Max(hv_len, 0);
 	}
 	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, nheaders,
 			false, NULL);
-	for (int i = 0; i < nheaders; i++)
-		pfree((char *) headers[i].name);
 	pfree(headers);
 }
 
@@ -407,8 +404,8 @@ kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 	int			n = 0;
 
 #define ADD_HEADER(hname, hvalue) \
-	(headers[n].name = (hname), headers[n].value = (hvalue), \
-	 headers[n].value_len = strlen(hvalue), n++)
+	(headers[n].name = (hname), headers[n].name_len = sizeof(hname) - 1, \
+	 headers[n].value = (hvalue), headers[n].value_len = strlen(hvalue), n++)
 	ADD_HEADER(KB_HEADER_EVENT, eh->event);
 	ADD_HEADER(KB_HEADER_ORIGIN, eh->origin);
 	if (eh->lsn)
