@@ -207,7 +207,9 @@ extern bool kb_producer_thread_put(KbProducerThread *pt, rd_kafka_topic_t *rkt,
 								   void *opaque, const char *key, int key_len,
 								   const char *value, int value_len,
 								   const KbRecordHeader *headers, int nheaders);
-extern bool kb_producer_thread_drained(KbProducerThread *pt);
+extern uint64 kb_producer_thread_written(KbProducerThread *pt);
+extern uint64 kb_producer_thread_consumed(KbProducerThread *pt);
+extern void kb_producer_thread_wake_me(KbProducerThread *pt);
 extern bool kb_producer_thread_queue_full(KbProducerThread *pt);
 
 /* ---- publisher.c ---- */

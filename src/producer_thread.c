@@ -427,11 +427,33 @@ kb_producer_thread_put(KbProducerThread *pt, rd_kafka_topic_t *rkt, void *opaque
 	return true;
 }
 
-/* Whether every record put has been handed to librdkafka. */
-bool
-kb_producer_thread_drained(KbProducerThread *pt)
+/*
+ * Positions in the ring, in bytes since the start: up to where records
+ * were put, and up to where they were handed to librdkafka.  A record put
+ * before written() returned x is handed over once consumed() reaches x.
+ */
+uint64
+kb_producer_thread_written(KbProducerThread *pt)
 {
-	return pg_atomic_read_u64(&pt->tail) == pt->head;
+	return pt->head;
+}
+
+uint64
+kb_producer_thread_consumed(KbProducerThread *pt)
+{
+	return pg_atomic_read_u64(&pt->tail);
+}
+
+/*
+ * Have the thread wake the worker's thread (kb_kafka_client_wake) the next
+ * time it hands records over; the caller then looks at consumed() again
+ * before it waits.
+ */
+void
+kb_producer_thread_wake_me(KbProducerThread *pt)
+{
+	pg_atomic_write_u32(&pt->room_wanted, 1);
+	pg_memory_barrier();
 }
 
 /* Whether librdkafka's queue is full: the broker is slow or away. */

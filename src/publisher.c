@@ -55,6 +55,7 @@
 #include "storage/pmsignal.h"
 #include "postmaster/interrupt.h"
 #include "utils/guc.h"
+#include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -71,7 +72,31 @@ typedef struct PendingTxn
 	pg_atomic_uint64 outstanding;	/* records produced, not acknowledged */
 } PendingTxn;
 
+/*
+ * Topics the publisher produced to: every topic it made sure exists, for
+ * its whole life (so that it asks the brokers once per topic), and a
+ * handle for at most KB_TOPIC_HANDLES of them, the most recently used.
+ */
 #define KB_TOPIC_HANDLES 32
+#define KB_RETIRED_HANDLES 1024
+#define KB_TOPIC_NAME_SIZE 256
+
+typedef struct TopicEntry
+{
+	char		name[KB_TOPIC_NAME_SIZE];	/* hash key */
+	rd_kafka_topic_t *rkt;		/* NULL: no handle now */
+	uint64		last_used;
+} TopicEntry;
+
+/*
+ * A handle given up while records in the producing thread's ring may still
+ * name it: destroyed once the thread has handed those over.
+ */
+typedef struct RetiredHandle
+{
+	rd_kafka_topic_t *rkt;
+	uint64		ring_upto;
+} RetiredHandle;
 
 struct KbPublisher
 {
@@ -98,13 +123,13 @@ struct KbPublisher
 	char		failure[512];	/* why, under failure_lock */
 	XLogRecPtr	step_target;	/* the WAL end the last step decoded towards */
 	/* topic handles, so that producing does not look each topic up by name */
-	int			ntopics;
-	struct
-	{
-		char		name[256];
-		int			len;
-		rd_kafka_topic_t *rkt;
-	}			topics[KB_TOPIC_HANDLES];
+	HTAB	   *topics;			/* TopicEntry by name */
+	TopicEntry *last_topic;		/* the one the last record went to */
+	int			last_topic_len;
+	int			nhandles;		/* entries with a handle */
+	uint64		use_clock;
+	RetiredHandle retired[KB_RETIRED_HANDLES];
+	int			nretired;
 };
 
 /* the delivery-report callback has no other way to find its publisher */
@@ -261,9 +286,66 @@ wait_for_thread(KbPublisher *pub, bool *waiting)
 		proc_exit(1);
 }
 
+/* Destroy the retired handles the producing thread is done with. */
+static void
+reap_retired(KbPublisher *pub)
+{
+	uint64		consumed = kb_producer_thread_consumed(pub->thread);
+	int			kept = 0;
+
+	for (int i = 0; i < pub->nretired; i++)
+	{
+		if (pub->retired[i].ring_upto <= consumed)
+			rd_kafka_topic_destroy(pub->retired[i].rkt);
+		else
+			pub->retired[kept++] = pub->retired[i];
+	}
+	pub->nretired = kept;
+}
+
 /*
- * The handle of a topic, kept for the publisher's life (the least recently
- * added one goes when there are too many).  The topic is created first if
+ * Give up the handle of the least recently used topic: its topic stays
+ * known, and it gets a handle again when a record goes to it.
+ */
+static void
+evict_handle(KbPublisher *pub)
+{
+	HASH_SEQ_STATUS scan;
+	TopicEntry *entry;
+	TopicEntry *oldest = NULL;
+
+	hash_seq_init(&scan, pub->topics);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+		if (entry->rkt && (oldest == NULL || entry->last_used < oldest->last_used))
+			oldest = entry;
+	if (oldest == NULL)
+		return;
+
+	reap_retired(pub);
+	if (pub->nretired == KB_RETIRED_HANDLES)
+	{
+		/* many evictions in a row: wait for the thread to pass them all */
+		uint64		upto = kb_producer_thread_written(pub->thread);
+		bool		waiting = false;
+
+		for (;;)
+		{
+			kb_producer_thread_wake_me(pub->thread);
+			if (kb_producer_thread_consumed(pub->thread) >= upto)
+				break;
+			wait_for_thread(pub, &waiting);
+		}
+		reap_retired(pub);
+	}
+	pub->retired[pub->nretired].rkt = oldest->rkt;
+	pub->retired[pub->nretired].ring_upto = kb_producer_thread_written(pub->thread);
+	pub->nretired++;
+	oldest->rkt = NULL;
+	pub->nhandles--;
+}
+
+/*
+ * The handle of a topic.  The topic is created first, the first time, if
  * it does not exist: compacted for row events keyed by row, else (flat
  * records, kafka_bridge.send() records) as an event log.  NULL when that
  * failed (pub->failed says why).
@@ -272,41 +354,48 @@ static rd_kafka_topic_t *
 topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 			 bool compact)
 {
-	int			i;
+	char		key[KB_TOPIC_NAME_SIZE];
+	TopicEntry *entry;
+	bool		found;
 	char		why[512];
 
-	for (i = 0; i < pub->ntopics; i++)
-		if (pub->topics[i].len == len && memcmp(pub->topics[i].name, name, len) == 0)
-			return pub->topics[i].rkt;
-	if (pub->ntopics == KB_TOPIC_HANDLES)
+	/* most records go where the one before went */
+	entry = pub->last_topic;
+	if (entry && entry->rkt && pub->last_topic_len == len &&
+		memcmp(entry->name, name, len) == 0)
 	{
-		bool		waiting = false;
+		entry->last_used = ++pub->use_clock;
+		return entry->rkt;
+	}
 
-		/* records in the producing thread's ring may name that topic */
-		while (!kb_producer_thread_drained(pub->thread))
-			wait_for_thread(pub, &waiting);
-		rd_kafka_topic_destroy(pub->topics[0].rkt);
-		memmove(&pub->topics[0], &pub->topics[1], sizeof(pub->topics[0]) * (KB_TOPIC_HANDLES - 1));
-		pub->ntopics--;
-	}
-	i = pub->ntopics;
-	memcpy(pub->topics[i].name, name, len);
-	pub->topics[i].name[len] = '\0';
-	pub->topics[i].len = len;
-	if (!kb_kafka_create_topic(rk, pub->topics[i].name, compact, why, sizeof(why)))
+	memset(key, 0, sizeof(key));
+	memcpy(key, name, len);
+	entry = hash_search(pub->topics, key, HASH_ENTER, &found);
+	if (!found)
 	{
-		set_failure(pub, "%s", why);
-		return NULL;
+		entry->rkt = NULL;
+		if (!kb_kafka_create_topic(rk, entry->name, compact, why, sizeof(why)))
+		{
+			hash_search(pub->topics, key, HASH_REMOVE, NULL);
+			pub->last_topic = NULL;
+			set_failure(pub, "%s", why);
+			return NULL;
+		}
 	}
-	pub->ntopics++;
-	pub->topics[i].rkt = rd_kafka_topic_new(rk, pub->topics[i].name, NULL);
-	if (pub->topics[i].rkt == NULL)
+	if (entry->rkt == NULL)
 	{
-		pub->ntopics--;
-		elog(ERROR, "could not create a handle for topic \"%s\": %s", pub->topics[i].name,
-			 rd_kafka_err2str(rd_kafka_last_error()));
+		if (pub->nhandles >= KB_TOPIC_HANDLES)
+			evict_handle(pub);
+		entry->rkt = rd_kafka_topic_new(rk, entry->name, NULL);
+		if (entry->rkt == NULL)
+			elog(ERROR, "could not create a handle for topic \"%s\": %s", entry->name,
+				 rd_kafka_err2str(rd_kafka_last_error()));
+		pub->nhandles++;
 	}
-	return pub->topics[i].rkt;
+	entry->last_used = ++pub->use_clock;
+	pub->last_topic = entry;
+	pub->last_topic_len = len;
+	return entry->rkt;
 }
 
 /*
@@ -325,7 +414,7 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 	rd_kafka_topic_t *rkt;
 	bool		waiting = false;
 
-	if (topic_len <= 0 || topic_len >= sizeof(pub->topics[0].name))
+	if (topic_len <= 0 || topic_len >= KB_TOPIC_NAME_SIZE)
 		elog(ERROR, "kafka_bridge output plugin sent a topic name of %d bytes", topic_len);
 	/*
 	 * After a failure the publisher starts over: produce nothing more.  A
@@ -524,6 +613,15 @@ kb_publisher_start(int status_slot, KbKafkaClient *client)
 									 ALLOCSET_SMALL_SIZES);
 	pub->decode_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge decoding",
 											ALLOCSET_DEFAULT_SIZES);
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = KB_TOPIC_NAME_SIZE;
+		ctl.entrysize = sizeof(TopicEntry);
+		ctl.hcxt = pub->cxt;
+		pub->topics = hash_create("kafka_bridge topics", 64, &ctl,
+								  HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	}
 	dlist_init(&pub->pending);
 
 	kb_publisher_ensure_slot();
@@ -567,8 +665,18 @@ kb_publisher_stop(KbPublisher *pub)
 	/* nothing is produced from here on, no acknowledgement served until the next poll */
 	kb_producer_thread_stop(pub->thread);
 	report_acknowledged(pub);
-	for (int i = 0; i < pub->ntopics; i++)
-		rd_kafka_topic_destroy(pub->topics[i].rkt);
+	/* the thread is stopped: no record names a handle any more */
+	{
+		HASH_SEQ_STATUS scan;
+		TopicEntry *entry;
+
+		hash_seq_init(&scan, pub->topics);
+		while ((entry = hash_seq_search(&scan)) != NULL)
+			if (entry->rkt)
+				rd_kafka_topic_destroy(entry->rkt);
+		for (int i = 0; i < pub->nretired; i++)
+			rd_kafka_topic_destroy(pub->retired[i].rkt);
+	}
 	if (pub->ctx)
 		FreeDecodingContext(pub->ctx);
 	if (MyReplicationSlot != NULL)
@@ -750,11 +858,10 @@ kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact)
 	rd_kafka_topic_t *rkt;
 	const struct rd_kafka_metadata *md = NULL;
 
-	if (len <= 0 || len >= sizeof(pub->topics[0].name))
+	if (len <= 0 || len >= KB_TOPIC_NAME_SIZE)
 		return true;			/* produce() says what is wrong */
-	for (int i = 0; i < pub->ntopics; i++)
-		if (pub->topics[i].len == len && memcmp(pub->topics[i].name, topic, len) == 0)
-			return true;
+	if (hash_search(pub->topics, topic, HASH_FIND, NULL) != NULL)
+		return true;
 	rkt = topic_handle(pub, rk, topic, len, compact);
 	if (rkt == NULL)
 		return false;

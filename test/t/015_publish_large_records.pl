@@ -75,5 +75,41 @@ ok($node->poll_query_until('postgres',
 my $st = kb_status($node);
 is("$st->{state} $st->{last_error}", 'connected ', 'the publisher is connected, with no error');
 
+# more topics than the publisher keeps handles for (32): a handle given up
+# is destroyed only once no record in the ring names it, and a topic is
+# created once, not each time it gets a handle again.  Rows of 40 tables,
+# each with its own topic, interleaved in one transaction, then in many.
+my $ntables = 40;
+$node->safe_psql('postgres', join('', map {
+	"CREATE TABLE many_$_ (id int PRIMARY KEY, v text);"
+	  . "SELECT kafka_bridge.publish('many_$_', topic => 'regress_many_$_');"
+} 1 .. $ntables));
+$node->safe_psql('postgres', qq{
+	DO \$\$ BEGIN
+	  FOR i IN 1 .. 10 LOOP
+	    FOR t IN 1 .. $ntables LOOP
+	      EXECUTE format('INSERT INTO many_%s VALUES (%s, hex_text(2000))', t, i);
+	    END LOOP;
+	  END LOOP;
+	  COMMIT;
+	  FOR i IN 11 .. 30 LOOP
+	    FOR t IN 1 .. $ntables LOOP
+	      EXECUTE format('INSERT INTO many_%s VALUES (%s, hex_text(2000))', t, i);
+	      COMMIT;
+	    END LOOP;
+	  END LOOP;
+	END \$\$;
+});
+my $complete = 0;
+for my $t (1 .. $ntables)
+{
+	my @r = kafka_wait_records("regress_many_$t", 30, 60);
+	my @ids = map { $json->decode($_->{value})->{row}{id} } @r;
+	$complete++ if join(',', @ids) eq join(',', 1 .. 30);
+}
+is($complete, $ntables, "each of $ntables topics holds its 30 rows, in order");
+$st = kb_status($node);
+is("$st->{state} $st->{last_error}", 'connected ', 'the publisher is still connected, with no error');
+
 $node->stop;
 done_testing();
