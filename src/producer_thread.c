@@ -259,7 +259,7 @@ thread_main(void *arg)
 		pg_atomic_write_u32(&pt->sleeping, 1);
 		pg_memory_barrier();
 		if (pg_atomic_read_u64(&pt->published_head) == tail)
-			rd_kafka_poll(pt->rk, 1);
+			rd_kafka_poll(pt->rk, 100);
 		pg_atomic_write_u32(&pt->sleeping, 0);
 	}
 	return NULL;
@@ -297,7 +297,7 @@ kb_producer_thread_start(KbKafkaClient *client, KbProduceErrorCallback on_error)
 	pthread_sigmask(SIG_SETMASK, &saved, NULL);
 	if (rc == 0)
 		pthread_setname_np(pt->thread, "kb:producer");	/* for top -H, perf */
-	if (rc != 0)
+	else
 	{
 		rd_kafka_queue_destroy(pt->mainq);
 		pfree(pt->ring);
