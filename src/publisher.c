@@ -126,7 +126,8 @@ struct KbPublisher
 	HTAB	   *topics;			/* TopicEntry by name */
 	TopicEntry *last_topic;		/* the one the last record went to */
 	int			last_topic_len;
-	int			nhandles;		/* entries with a handle */
+	TopicEntry *handles[KB_TOPIC_HANDLES];	/* the entries with a handle */
+	int			nhandles;
 	uint64		use_clock;
 	RetiredHandle retired[KB_RETIRED_HANDLES];
 	int			nretired;
@@ -310,16 +311,16 @@ reap_retired(KbPublisher *pub)
 static void
 evict_handle(KbPublisher *pub)
 {
-	HASH_SEQ_STATUS scan;
-	TopicEntry *entry;
-	TopicEntry *oldest = NULL;
+	TopicEntry *oldest;
+	int			o = 0;
 
-	hash_seq_init(&scan, pub->topics);
-	while ((entry = hash_seq_search(&scan)) != NULL)
-		if (entry->rkt && (oldest == NULL || entry->last_used < oldest->last_used))
-			oldest = entry;
-	if (oldest == NULL)
+	/* among the handles, not every topic known: those can be many */
+	if (pub->nhandles == 0)
 		return;
+	for (int i = 1; i < pub->nhandles; i++)
+		if (pub->handles[i]->last_used < pub->handles[o]->last_used)
+			o = i;
+	oldest = pub->handles[o];
 
 	reap_retired(pub);
 	if (pub->nretired == KB_RETIRED_HANDLES)
@@ -341,7 +342,7 @@ evict_handle(KbPublisher *pub)
 	pub->retired[pub->nretired].ring_upto = kb_producer_thread_written(pub->thread);
 	pub->nretired++;
 	oldest->rkt = NULL;
-	pub->nhandles--;
+	pub->handles[o] = pub->handles[--pub->nhandles];
 }
 
 /*
@@ -390,7 +391,7 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 		if (entry->rkt == NULL)
 			elog(ERROR, "could not create a handle for topic \"%s\": %s", entry->name,
 				 rd_kafka_err2str(rd_kafka_last_error()));
-		pub->nhandles++;
+		pub->handles[pub->nhandles++] = entry;
 	}
 	entry->last_used = ++pub->use_clock;
 	pub->last_topic = entry;
@@ -666,17 +667,10 @@ kb_publisher_stop(KbPublisher *pub)
 	kb_producer_thread_stop(pub->thread);
 	report_acknowledged(pub);
 	/* the thread is stopped: no record names a handle any more */
-	{
-		HASH_SEQ_STATUS scan;
-		TopicEntry *entry;
-
-		hash_seq_init(&scan, pub->topics);
-		while ((entry = hash_seq_search(&scan)) != NULL)
-			if (entry->rkt)
-				rd_kafka_topic_destroy(entry->rkt);
-		for (int i = 0; i < pub->nretired; i++)
-			rd_kafka_topic_destroy(pub->retired[i].rkt);
-	}
+	for (int i = 0; i < pub->nhandles; i++)
+		rd_kafka_topic_destroy(pub->handles[i]->rkt);
+	for (int i = 0; i < pub->nretired; i++)
+		rd_kafka_topic_destroy(pub->retired[i].rkt);
 	if (pub->ctx)
 		FreeDecodingContext(pub->ctx);
 	if (MyReplicationSlot != NULL)
