@@ -69,6 +69,11 @@ now() { date +%s.%N; }
 wait_for() {
 	sql "DO \$kb\$ BEGIN WHILE NOT coalesce(($1), false) LOOP PERFORM pg_sleep(0.01); END LOOP; END \$kb\$"
 }
+# settle: let the machine finish the writes a previous step left behind
+# (PostgreSQL's dirty buffers, the broker's log in the page cache) before
+# the next pipeline is timed, so that no pipeline pays the kernel's
+# writeback of another's data; every pipeline starts from the same state
+settle() { sql "CHECKPOINT"; sync; }
 # records acknowledged so far, over every worker
 published() { sql "SELECT coalesce(sum(events_published), 0) FROM kafka_bridge.worker_status()"; }
 
