@@ -425,10 +425,17 @@ kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool compact,
 				 errhint("Create the topic yourself, or set kafka_bridge.create_topics = off.")));
 	else if (err != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS)
 	{
+		/*
+		 * A timeout is the brokers being unreachable, or a cluster that does
+		 * not serve CreateTopics at all (librdkafka's mock cluster names a
+		 * controller it does not have): say what to do about the latter.
+		 */
 		snprintf(error, error_size,
-				 "cannot create topic \"%s\" (kafka_bridge.topic_partitions = %d, kafka_bridge.topic_replication_factor = %d): %s",
+				 "cannot create topic \"%s\" (kafka_bridge.topic_partitions = %d, kafka_bridge.topic_replication_factor = %d): %s%s",
 				 topic, kb_topic_partitions, kb_topic_replication_factor,
-				 reason && reason[0] ? reason : rd_kafka_err2str(err));
+				 reason && reason[0] ? reason : rd_kafka_err2str(err),
+				 err == RD_KAFKA_RESP_ERR__TIMED_OUT ?
+				 " (if the brokers are up but do not create topics on request, create it yourself and set kafka_bridge.create_topics = off)" : "");
 		ok = false;
 	}
 	if (event)
