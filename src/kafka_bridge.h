@@ -225,6 +225,8 @@ extern bool kb_publisher_step(KbPublisher *pub, int budget_ms,
 							  char *error, size_t error_size);
 extern bool kb_publisher_caught_up(KbPublisher *pub);
 extern bool kb_publisher_pending(KbPublisher *pub);
+extern XLogRecPtr kb_publisher_confirmed(KbPublisher *pub);
+extern XLogRecPtr kb_publisher_decoded(KbPublisher *pub);
 extern void kb_publisher_delivery_report(rd_kafka_t *rk,
 										 const rd_kafka_message_t *msg,
 										 void *opaque);

@@ -783,6 +783,20 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 	return true;
 }
 
+/* The slot's confirmed position: what is published for sure. */
+XLogRecPtr
+kb_publisher_confirmed(KbPublisher *pub)
+{
+	return pub->confirmed;
+}
+
+/* How far decoding has read. */
+XLogRecPtr
+kb_publisher_decoded(KbPublisher *pub)
+{
+	return pub->ctx ? pub->ctx->reader->EndRecPtr : pub->confirmed;
+}
+
 /* Whether records wait for their acknowledgement. */
 bool
 kb_publisher_pending(KbPublisher *pub)

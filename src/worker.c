@@ -118,6 +118,7 @@ typedef struct WorkerState
 	TimestampTz next_probe;
 	TimestampTz publish_retry_at;
 	int			backoff_ms;		/* after a failed delivery, doubling */
+	XLogRecPtr	failed_upto;	/* what was decoded when it failed */
 	uint64		published_at_probe; /* events_published at the last probe */
 } WorkerState;
 
@@ -205,10 +206,18 @@ publish_step(WorkerState *w)
 
 	if (kb_publisher_step(w->pub, 100, error, sizeof(error)))
 	{
-		w->backoff_ms = 0;
+		/*
+		 * The failure is over once everything decoded when it happened is
+		 * confirmed.  A step that succeeds says nothing by itself: a record
+		 * refused for good fails a later step, after the steps that
+		 * produced it again.
+		 */
+		if (w->backoff_ms > 0 && kb_publisher_confirmed(w->pub) >= w->failed_upto)
+			w->backoff_ms = 0;
 		return;
 	}
 	w->backoff_ms = Min(Max(w->backoff_ms * 2, 1000), 30000);
+	w->failed_upto = Max(w->failed_upto, kb_publisher_decoded(w->pub));
 	kb_status_set_error(my_slot, KB_STATE_ERROR, "%s", error);
 	report(KB_STATE_ERROR, "publishing again from the confirmed position after an error");
 	ereport(LOG,

@@ -29,6 +29,7 @@ is(scalar(@r), 1, 'a small row is published');
 
 # 6,400 bytes of hex digits, which lz4 hardly shrinks: the broker refuses
 # the batch
+my $log_offset = -s $node->logfile;
 $node->safe_psql('postgres', "INSERT INTO big SELECT 2, string_agg(md5(g::text), '') FROM generate_series(1, 200) g");
 my $after_big = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
 $node->safe_psql('postgres', "INSERT INTO big VALUES (3, 'after')");
@@ -39,6 +40,12 @@ ok( $node->poll_query_until('postgres', qq{
 note 'last_error: ' . kb_status($node)->{last_error};
 is($node->safe_psql('postgres', "SELECT confirmed_flush_lsn < '$after_big' FROM pg_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'"),
 	't', 'the slot is not confirmed past the refused row');
+
+# refused again and again: each time the publisher waits twice as long
+# before it publishes again (1 s, 2 s, 4 s), though the steps that produce
+# the row again succeed in between
+ok(eval { $node->wait_for_log(qr/restarts publishing in 4000 ms/, $log_offset); 1 },
+	'each refusal in a row doubles the wait before publishing again');
 
 # the topic takes larger records: the publisher, retrying, gets through
 kafka_alter_topic($topic, 'max.message.bytes=1000000');
