@@ -125,11 +125,15 @@ typedef struct KbDecodingData
 	bool		txn_meta_ready;
 	int			changes_since_progress;
 	char		origin[128];	/* instance id */
+	int			origin_len;
 	StringInfoData origin_json;
 	char		lsn[32];		/* commit LSN as %X/%X */
+	int			lsn_len;
 	uint32		seq;			/* the record's number in the transaction */
 	char		seq_text[16];
+	int			seq_len;
 	char		commit_time[MAXDATELEN + 1];	/* ISO 8601, UTC */
+	int			commit_time_len;
 	StringInfoData txn_meta;	/* the transaction's envelope fields */
 
 	/* scratch */
@@ -165,7 +169,11 @@ typedef struct KbRelEntry
 	char	   *topic_json;
 	char	   *table_json;		/* quoted schema-qualified name, as JSON */
 	char	   *event[KB_NUM_EVENTS];
+	int			event_len[KB_NUM_EVENTS];
 	char	   *event_json[KB_NUM_EVENTS];
+	/* an envelope's start, {"event":...,"table":..., for each event */
+	char	   *envelope_head[KB_NUM_EVENTS];
+	int			envelope_head_len[KB_NUM_EVENTS];
 	KbRowShape *shape;
 	KbSnapshotFilter *snapshot; /* while a snapshot of the table runs */
 } KbRelEntry;
@@ -520,7 +528,11 @@ build_entry(KbDecodingData *data, KbRelEntry *entry, Relation relation)
 	for (int i = 0; i < KB_NUM_EVENTS; i++)
 	{
 		entry->event[i] = psprintf("%s-%s", pub.event_prefix, event_suffix[i]);
+		entry->event_len[i] = strlen(entry->event[i]);
 		entry->event_json[i] = json_string(entry->event[i]);
+		entry->envelope_head[i] = psprintf("{\"event\":%s,\"table\":%s",
+										   entry->event_json[i], entry->table_json);
+		entry->envelope_head_len[i] = strlen(entry->envelope_head[i]);
 	}
 
 	if (target != relation)
@@ -569,14 +581,17 @@ prepare_transaction(KbDecodingData *data, ReorderBufferTXN *txn)
 		return;
 
 	strlcpy(data->origin, kb_instance_id(), sizeof(data->origin));
+	data->origin_len = strlen(data->origin);
 	resetStringInfo(&data->origin_json);
 	kb_append_json_string(&data->origin_json, data->origin);
-	snprintf(data->lsn, sizeof(data->lsn), "%X/%X", LSN_FORMAT_ARGS(txn->final_lsn));
+	data->lsn_len = snprintf(data->lsn, sizeof(data->lsn), "%X/%X",
+							 LSN_FORMAT_ARGS(txn->final_lsn));
 	{
 		int			utc = 0;
 
 		JsonEncodeDateTime(data->commit_time, TimestampTzGetDatum(txn->xact_time.commit_time),
 						   TIMESTAMPTZOID, &utc);
+		data->commit_time_len = strlen(data->commit_time);
 	}
 
 	resetStringInfo(meta);
@@ -608,7 +623,10 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 
 	/* a tombstone shares the number of the DELETE it follows */
 	if (!null_value || data->seq == 0)
-		snprintf(data->seq_text, sizeof(data->seq_text), "%u", ++data->seq);
+	{
+		data->seq_len = pg_ultoa_n(++data->seq, data->seq_text);
+		data->seq_text[data->seq_len] = '\0';
+	}
 
 	if (data->publisher)
 	{
@@ -617,7 +635,7 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 		if (entry->format == KB_FORMAT_FLAT)
 		{
 			data->record_key = entry->event[event];
-			data->record_key_len = strlen(entry->event[event]);
+			data->record_key_len = entry->event_len[event];
 		}
 		else
 		{
@@ -633,7 +651,7 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 		pq_sendbyte(out, KB_FRAME_RECORD);
 		kb_send_bytes(out, entry->topic, entry->topic_len);
 		if (entry->format == KB_FORMAT_FLAT)
-			kb_send_bytes(out, entry->event[event], strlen(entry->event[event]));
+			kb_send_bytes(out, entry->event[event], entry->event_len[event]);
 		else if (key != NULL)
 			kb_send_bytes(out, key->data, key->len);
 		else
@@ -689,7 +707,12 @@ record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
 			.origin = data->origin,
 			.lsn = data->include_lsn ? data->lsn : NULL,
 			.seq = data->seq_text,
-			.commit_time = data->include_timestamp ? data->commit_time : NULL
+			.commit_time = data->include_timestamp ? data->commit_time : NULL,
+			.event_len = entry->event_len[event],
+			.origin_len = data->origin_len,
+			.lsn_len = data->lsn_len,
+			.seq_len = data->seq_len,
+			.commit_time_len = data->commit_time_len
 		};
 
 		kb_publisher_produce(data->publisher, NULL, entry->topic, entry->topic_len,
@@ -728,12 +751,9 @@ static void
 envelope_begin(StringInfo out, KbDecodingData *data, KbRelEntry *entry,
 			   KbEvent event)
 {
-	appendStringInfoString(out, "{\"event\":");
-	appendStringInfoString(out, entry->event_json[event]);
-	appendStringInfoString(out, ",\"table\":");
-	appendStringInfoString(out, entry->table_json);
+	appendBinaryStringInfo(out, entry->envelope_head[event], entry->envelope_head_len[event]);
 	appendBinaryStringInfo(out, data->txn_meta.data, data->txn_meta.len);
-	appendStringInfoString(out, ",\"row\":");
+	appendBinaryStringInfo(out, ",\"row\":", 7);
 }
 
 /*

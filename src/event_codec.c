@@ -481,7 +481,7 @@ kb_append_row(StringInfo buf, KbRowShape *shape, Datum *values,
 	bool		first = true;
 	int			nunchanged = 0;
 
-	appendStringInfoChar(buf, '{');
+	appendStringInfoCharMacro(buf, '{');
 	for (int i = 0; i < shape->ncolumns; i++)
 	{
 		KbColumn   *col = &shape->columns[i];
@@ -497,15 +497,16 @@ kb_append_row(StringInfo buf, KbRowShape *shape, Datum *values,
 			continue;
 		}
 		if (!first)
-			appendStringInfoChar(buf, ',');
+			appendStringInfoCharMacro(buf, ',');
 		first = false;
-		appendStringInfoString(buf, col->json_name);
+		/* the name, its ':' included */
+		appendBinaryStringInfo(buf, col->json_name, col->json_name_len + 1);
 		if (nulls[index])
-			appendStringInfoString(buf, "null");
+			appendBinaryStringInfo(buf, "null", 4);
 		else
 			kb_append_datum(buf, values[index], &col->type);
 	}
-	appendStringInfoChar(buf, '}');
+	appendStringInfoCharMacro(buf, '}');
 	return nunchanged;
 }
 

@@ -207,6 +207,7 @@ extern bool kb_producer_thread_put(KbProducerThread *pt, rd_kafka_topic_t *rkt,
 								   void *opaque, const char *key, int key_len,
 								   const char *value, int value_len,
 								   const KbRecordHeader *headers, int nheaders);
+extern void kb_producer_thread_flush(KbProducerThread *pt);
 extern uint64 kb_producer_thread_written(KbProducerThread *pt);
 extern uint64 kb_producer_thread_consumed(KbProducerThread *pt);
 extern void kb_producer_thread_wake_me(KbProducerThread *pt);
@@ -242,6 +243,12 @@ typedef struct KbEventHeaders
 	const char *lsn;
 	const char *seq;
 	const char *commit_time;
+	/* their lengths (per record: no strlen) */
+	int			event_len;
+	int			origin_len;
+	int			lsn_len;
+	int			seq_len;
+	int			commit_time_len;
 } KbEventHeaders;
 
 /*

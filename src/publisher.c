@@ -263,6 +263,7 @@ wait_for_thread(KbPublisher *pub, bool *waiting)
 					  "waiting for the broker: the producer queue is full");
 		*waiting = true;
 	}
+	kb_producer_thread_flush(pub->thread);
 	kb_kafka_client_poll(pub->client, 50);
 	report_acknowledged(pub);
 	if (*waiting && kb_kafka_client_last_error(pub->client)[0])
@@ -493,18 +494,18 @@ kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 	KbRecordHeader headers[5];
 	int			n = 0;
 
-#define ADD_HEADER(hname, hvalue) \
+#define ADD_HEADER(hname, field) \
 	(headers[n].name = (hname), headers[n].name_len = sizeof(hname) - 1, \
-	 headers[n].value = (hvalue), headers[n].value_len = strlen(hvalue), n++)
-	ADD_HEADER(KB_HEADER_EVENT, eh->event);
-	ADD_HEADER(KB_HEADER_ORIGIN, eh->origin);
+	 headers[n].value = eh->field, headers[n].value_len = eh->field##_len, n++)
+	ADD_HEADER(KB_HEADER_EVENT, event);
+	ADD_HEADER(KB_HEADER_ORIGIN, origin);
 	if (eh->lsn)
 	{
-		ADD_HEADER(KB_HEADER_LSN, eh->lsn);
-		ADD_HEADER(KB_HEADER_SEQ, eh->seq);
+		ADD_HEADER(KB_HEADER_LSN, lsn);
+		ADD_HEADER(KB_HEADER_SEQ, seq);
 	}
 	if (eh->commit_time)
-		ADD_HEADER(KB_HEADER_COMMIT_TIME, eh->commit_time);
+		ADD_HEADER(KB_HEADER_COMMIT_TIME, commit_time);
 #undef ADD_HEADER
 	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, n, true,
 			(PendingTxn *) batch);
@@ -514,6 +515,7 @@ kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 void
 kb_publisher_commit(KbPublisher *pub, XLogRecPtr end_lsn)
 {
+	kb_producer_thread_flush(pub->thread);
 	if (pub->open_txn)
 	{
 		pub->open_txn->end_lsn = end_lsn;
@@ -765,6 +767,7 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 				break;
 		}
 	}
+	kb_producer_thread_flush(pub->thread);
 	kb_kafka_client_poll(pub->client, 0);
 	report_acknowledged(pub);
 	/* decoding may also have left TopMemoryContext current */

@@ -406,17 +406,21 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionI
 	if (c->format == KB_FORMAT_ENVELOPE)
 		appendStringInfoChar(value, '}');
 
-	(void) pg_lltoa(++c->rows, seq);
+	headers.seq_len = pg_lltoa(++c->rows, seq);
 	if (xmin != c->time_xmin || c->commit_time[0] == '\0')
 	{
 		row_commit_time(xmin, c->commit_time);
 		c->time_xmin = xmin;
 	}
 	headers.event = c->event;
+	headers.event_len = strlen(c->event);
 	headers.origin = kb_instance_id();
+	headers.origin_len = strlen(headers.origin);
 	headers.lsn = c->lsn;
+	headers.lsn_len = strlen(c->lsn);
 	headers.seq = seq;
 	headers.commit_time = c->commit_time;
+	headers.commit_time_len = strlen(c->commit_time);
 	/* a flat record is keyed by its event type */
 	if (c->format == KB_FORMAT_FLAT)
 		kb_publisher_produce(pub, c->batch, c->topic, strlen(c->topic),
