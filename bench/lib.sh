@@ -109,8 +109,10 @@ start_instance() {
 
 # The producer settings kafka_bridge runs with here (its defaults plus
 # linger.ms=5, see start_instance), for the kcat pipelines it is compared
-# with: the same guarantees and the same compression.
-KCAT_PRODUCER=(-X acks=all -X enable.idempotence=true -X linger.ms=5 -X compression.type=lz4)
+# with: the same guarantees, the same compression, the same bound on the
+# records in flight.
+KCAT_PRODUCER=(-X acks=all -X enable.idempotence=true -X linger.ms=5 -X compression.type=lz4
+	-X queue.buffering.max.messages=10000)
 
 # Create a topic of one partition, with the given configs (name=value).
 # A pipeline that produces to a topic that does not exist yet waits a
