@@ -260,6 +260,7 @@ typedef struct KbPublishBatch KbPublishBatch;
 
 extern XLogRecPtr kb_publisher_boundary(KbPublisher *pub);
 extern bool kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact);
+extern void kb_publisher_flush(KbPublisher *pub);
 extern KbPublishBatch *kb_publisher_batch_new(KbPublisher *pub);
 extern void kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 								 const char *topic, int topic_len,

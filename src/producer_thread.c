@@ -263,7 +263,8 @@ thread_main(void *arg)
 
 		/*
 		 * Nothing to produce: wait for records (the writer yields the main
-		 * queue, see kb_producer_thread_put) or acknowledgements.
+		 * queue, see kb_producer_thread_flush) or acknowledgements;
+		 * entries the writer has not announced yet are found within 100 ms.
 		 */
 		pg_atomic_write_u32(&pt->sleeping, 1);
 		pg_memory_barrier();

@@ -828,6 +828,16 @@ kb_publisher_boundary(KbPublisher *pub)
 	return pub->ctx->reader->EndRecPtr;
 }
 
+/*
+ * Have the producing thread take the records put so far at once (it is
+ * woken every few records and at each commit; a batch ends elsewhere).
+ */
+void
+kb_publisher_flush(KbPublisher *pub)
+{
+	kb_producer_thread_flush(pub->thread);
+}
+
 /* A batch of records outside any transaction (a snapshot chunk). */
 KbPublishBatch *
 kb_publisher_batch_new(KbPublisher *pub)

@@ -807,6 +807,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	pgstat_report_activity(STATE_RUNNING, psprintf("publishing a snapshot chunk of table \"%s\"",
 												   c.relname));
 	upto = key_array(&c, produce_chunk(pub, &c));
+	kb_publisher_flush(pub);
 	/* rows not produced must not count as read */
 	if (kb_publisher_failed(pub))
 		ereport(ERROR,
