@@ -48,8 +48,17 @@
  *
  * Which tables are published is cached per relation and invalidated by the
  * relcache invalidations that publish() and unpublish() send, and that
- * decoding replays at their place in the WAL.  Large transactions are not
- * streamed: they spill to disk and are decoded at commit.
+ * decoding replays at their place in the WAL.
+ *
+ * Large transactions: for the publisher, with
+ * kafka_bridge.stream_large_transactions on, the plugin takes the changes
+ * of a transaction that outgrows logical_decoding_work_mem as PostgreSQL
+ * streams them, before the commit, and keeps their records in a spool
+ * (spool.c) until the commit replays them or the abort drops them; the
+ * commit LSN and time, unknown until then, go into the records at replay.
+ * Otherwise, and for the other consumers (json and kafka frames), such a
+ * transaction spills to disk and is decoded at commit, as PostgreSQL does
+ * by default.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -63,6 +72,7 @@
 #include "catalog/pg_type.h"
 #include "lib/ilist.h"
 #include "libpq/pqformat.h"
+#include "miscadmin.h"
 #include "replication/logical.h"
 #include "replication/origin.h"
 #include "replication/output_plugin.h"
@@ -79,6 +89,7 @@
 
 #include "event_codec.h"
 #include "kafka_bridge.h"
+#include "spool.h"
 
 extern PGDLLEXPORT void _PG_output_plugin_init(OutputPluginCallbacks *cb);
 
@@ -104,6 +115,37 @@ static const char *const event_suffix[KB_NUM_EVENTS] = {
 };
 
 /* The plugin's state for one decoding session. */
+/* A transaction PostgreSQL streams to the publisher before its commit. */
+typedef struct KbStreamedTxn
+{
+	TransactionId xid;			/* the top transaction */
+	KbSpool    *spool;
+} KbStreamedTxn;
+
+/*
+ * A record of a streamed transaction in its spool: this header, then the
+ * topic, the event name, the key (key_len -1: null) and the value
+ * (value_len -1: null).  An envelope's transaction fields go in the value
+ * at meta_at at replay (-1: none).  A kafka_bridge.send() record is the
+ * kind byte KB_SPOOL_SEND and its frame.
+ */
+typedef struct KbSpooledRecord
+{
+	char		kind;
+	bool		null_value;
+	int16		event_len;
+	int32		topic_len;
+	int32		key_len;
+	int32		value_len;
+	int32		meta_at;
+} KbSpooledRecord;
+
+#define KB_SPOOL_ROW	'R'
+#define KB_SPOOL_SEND	'S'
+
+/* How many records a commit replays from a spool between interrupt checks */
+#define KB_REPLAY_BATCH 1024
+
 typedef struct KbDecodingData
 {
 	MemoryContext cache_cxt;	/* the relation cache */
@@ -142,6 +184,15 @@ typedef struct KbDecodingData
 	int			value_start;	/* where the value length goes in a frame */
 	const char *record_key;		/* the record's key, for the publisher */
 	int			record_key_len;
+	int			meta_at;		/* where the envelope's transaction fields go */
+
+	/* streamed transactions (publisher only) */
+	bool		can_stream;		/* PostgreSQL offered to stream, for a publisher */
+	List	   *streams;		/* of KbStreamedTxn, in ctx->context */
+	KbStreamedTxn *stream;		/* the one being streamed, or NULL */
+	XLogRecPtr	stream_lsn;		/* the change being streamed */
+	TransactionId stream_xid;	/* its subtransaction, when known */
+	StringInfoData spool_rec;
 
 	/* the relation cache (KbRelEntry by relid), in cache_cxt */
 	HTAB	   *relations;
@@ -203,6 +254,23 @@ static void kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 					   XLogRecPtr message_lsn, bool transactional,
 					   const char *prefix, Size message_size,
 					   const char *message);
+static void update_streaming(LogicalDecodingContext *ctx, KbDecodingData *data);
+static void kb_shutdown(LogicalDecodingContext *ctx);
+static void kb_stream_start(LogicalDecodingContext *ctx, ReorderBufferTXN *txn);
+static void kb_stream_stop(LogicalDecodingContext *ctx, ReorderBufferTXN *txn);
+static void kb_stream_abort(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+							XLogRecPtr abort_lsn);
+static void kb_stream_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+							 XLogRecPtr commit_lsn);
+static void kb_stream_change(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+							 Relation relation, ReorderBufferChange *change);
+static void kb_stream_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+							   int nrelations, Relation relations[],
+							   ReorderBufferChange *change);
+static void kb_stream_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+							  XLogRecPtr message_lsn, bool transactional,
+							  const char *prefix, Size message_size,
+							  const char *message);
 static bool kb_filter_by_origin(LogicalDecodingContext *ctx,
 								RepOriginId origin_id);
 
@@ -216,6 +284,14 @@ _PG_output_plugin_init(OutputPluginCallbacks *cb)
 	cb->commit_cb = kb_commit;
 	cb->message_cb = kb_message;
 	cb->filter_by_origin_cb = kb_filter_by_origin;
+	cb->shutdown_cb = kb_shutdown;
+	cb->stream_start_cb = kb_stream_start;
+	cb->stream_stop_cb = kb_stream_stop;
+	cb->stream_abort_cb = kb_stream_abort;
+	cb->stream_commit_cb = kb_stream_commit;
+	cb->stream_change_cb = kb_stream_change;
+	cb->stream_truncate_cb = kb_stream_truncate;
+	cb->stream_message_cb = kb_stream_message;
 }
 
 /* ---- options ---- */
@@ -577,7 +653,8 @@ prepare_transaction(KbDecodingData *data, ReorderBufferTXN *txn)
 {
 	StringInfo	meta = &data->txn_meta;
 
-	if (data->txn_meta_ready)
+	/* a streamed record gets these at replay, when they are known */
+	if (data->txn_meta_ready || data->stream)
 		return;
 
 	strlcpy(data->origin, kb_instance_id(), sizeof(data->origin));
@@ -632,6 +709,7 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 	{
 		/* out holds the value alone; the key waits for record_end */
 		resetStringInfo(out);
+		data->meta_at = -1;
 		if (entry->format == KB_FORMAT_FLAT)
 		{
 			data->record_key = entry->event[event];
@@ -693,6 +771,35 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 		appendStringInfoString(out, "null");
 }
 
+/* Append a row record to the spool of the transaction being streamed. */
+static void
+spool_row(KbDecodingData *data, const char *topic, int topic_len,
+		  const char *event, int event_len, const char *key, int key_len,
+		  const char *value, int value_len)
+{
+	StringInfo	rec = &data->spool_rec;
+	KbSpooledRecord head = {
+		.kind = KB_SPOOL_ROW,
+		.null_value = value == NULL,
+		.event_len = event_len,
+		.topic_len = topic_len,
+		.key_len = key ? key_len : -1,
+		.value_len = value ? value_len : -1,
+		.meta_at = data->meta_at
+	};
+
+	resetStringInfo(rec);
+	appendBinaryStringInfo(rec, (const char *) &head, sizeof(head));
+	appendBinaryStringInfo(rec, topic, topic_len);
+	appendBinaryStringInfo(rec, event, event_len);
+	if (key)
+		appendBinaryStringInfo(rec, key, key_len);
+	if (value)
+		appendBinaryStringInfo(rec, value, value_len);
+	kb_spool_append(data->stream->spool, data->stream_lsn, data->stream_xid,
+					rec->data, rec->len);
+}
+
 /* Finish and write the record record_begin started. */
 static void
 record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
@@ -700,6 +807,15 @@ record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
 {
 	StringInfo	out = ctx->out;
 
+	if (data->stream)
+	{
+		spool_row(data, entry->topic, entry->topic_len,
+				  entry->event[event], entry->event_len[event],
+				  data->record_key, data->record_key_len,
+				  null_value ? NULL : out->data, out->len);
+		data->txn_has_records = true;
+		return;
+	}
 	if (data->publisher)
 	{
 		KbEventHeaders headers = {
@@ -752,7 +868,10 @@ envelope_begin(StringInfo out, KbDecodingData *data, KbRelEntry *entry,
 			   KbEvent event)
 {
 	appendBinaryStringInfo(out, entry->envelope_head[event], entry->envelope_head_len[event]);
-	appendBinaryStringInfo(out, data->txn_meta.data, data->txn_meta.len);
+	if (data->stream)
+		data->meta_at = out->len;	/* the fields are not known yet */
+	else
+		appendBinaryStringInfo(out, data->txn_meta.data, data->txn_meta.len);
 	appendBinaryStringInfo(out, ",\"row\":", 7);
 }
 
@@ -793,8 +912,14 @@ emit_put(LogicalDecodingContext *ctx, KbDecodingData *data, KbRelEntry *entry,
 {
 	StringInfo	out = ctx->out;
 
-	/* a row the running snapshot has not reached yet: it will publish it */
-	if (entry->snapshot && kb_snapshot_filter_skips(entry->snapshot, values, nulls))
+	/*
+	 * A row the running snapshot has not reached yet: it will publish it.
+	 * Not for a streamed change: the snapshot may pass the row before the
+	 * commit, reading it without this change; published anyway, the row
+	 * goes at worst twice.
+	 */
+	if (entry->snapshot && !data->stream &&
+		kb_snapshot_filter_skips(entry->snapshot, values, nulls))
 		return;
 
 	record_begin(ctx, data, entry, KB_PUT, key, false, true);
@@ -886,6 +1011,7 @@ kb_startup(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bool is_init)
 	initStringInfo(&data->txn_meta);
 	initStringInfo(&data->key);
 	initStringInfo(&data->old_key);
+	initStringInfo(&data->spool_rec);
 	MemoryContextSwitchTo(old);
 
 	create_relation_cache(data);
@@ -893,13 +1019,31 @@ kb_startup(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bool is_init)
 	opt->output_type = data->output == KB_OUTPUT_KAFKA ?
 		OUTPUT_PLUGIN_BINARY_OUTPUT : OUTPUT_PLUGIN_TEXTUAL_OUTPUT;
 	opt->receive_rewrites = false;
+	/* streaming, for the publisher alone: see the file's head */
+	data->can_stream = ctx->streaming && kb_publisher_decodes(ctx);
+	update_streaming(ctx, data);
 	ctx->output_plugin_private = data;
+}
+
+/*
+ * Whether PostgreSQL may stream the next transaction that outgrows
+ * logical_decoding_work_mem, as kafka_bridge.stream_large_transactions
+ * says now; never off while a streamed transaction is open, whose end
+ * comes through the stream callbacks.
+ */
+static void
+update_streaming(LogicalDecodingContext *ctx, KbDecodingData *data)
+{
+	ctx->streaming = data->can_stream &&
+		(kb_stream_large_transactions || data->streams != NIL);
 }
 
 static void
 kb_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 {
 	KbDecodingData *data = ctx->output_plugin_private;
+
+	update_streaming(ctx, data);
 
 	/* nothing is written until the transaction has a record */
 	data->publisher = data->output == KB_OUTPUT_KAFKA ? kb_publisher_of(ctx) : NULL;
@@ -1109,6 +1253,16 @@ kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 		return;
 
 	/* the message is a record frame but for its first byte */
+	if (data->stream)
+	{
+		resetStringInfo(&data->spool_rec);
+		appendStringInfoChar(&data->spool_rec, KB_SPOOL_SEND);
+		appendBinaryStringInfo(&data->spool_rec, message + 1, message_size - 1);
+		kb_spool_append(data->stream->spool, data->stream_lsn, InvalidTransactionId,
+						data->spool_rec.data, data->spool_rec.len);
+		data->txn_has_records = true;
+		return;
+	}
 	if (data->publisher)
 	{
 		kb_publisher_produce_send(data->publisher, message + 1, message_size - 1);
@@ -1185,6 +1339,225 @@ kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	appendStringInfoChar(out, '}');
 	OutputPluginWrite(ctx, true);
 	data->txn_has_records = true;
+}
+
+/* ---- streamed transactions (publisher only) ---- */
+
+static KbStreamedTxn *
+find_stream(KbDecodingData *data, TransactionId xid)
+{
+	ListCell   *lc;
+
+	foreach(lc, data->streams)
+	{
+		KbStreamedTxn *st = lfirst(lc);
+
+		if (st->xid == xid)
+			return st;
+	}
+	return NULL;
+}
+
+static void
+drop_stream(KbDecodingData *data, KbStreamedTxn *st)
+{
+	data->streams = list_delete_ptr(data->streams, st);
+	kb_spool_close(st->spool);
+	pfree(st);
+}
+
+static void
+kb_shutdown(LogicalDecodingContext *ctx)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	while (data->streams != NIL)
+		drop_stream(data, linitial(data->streams));
+}
+
+/* A block of changes of txn comes: its records go to its spool. */
+static void
+kb_stream_start(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+	KbStreamedTxn *st = find_stream(data, txn->xid);
+
+	if (st == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(ctx->context);
+
+		st = palloc(sizeof(KbStreamedTxn));
+		st->xid = txn->xid;
+		st->spool = kb_spool_create(ctx->context);
+		data->streams = lappend(data->streams, st);
+		MemoryContextSwitchTo(old);
+	}
+	data->publisher = kb_publisher_of(ctx);
+	data->stream = st;
+}
+
+static void
+kb_stream_stop(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	data->stream = NULL;
+}
+
+/*
+ * txn rolled back: a top transaction drops its spool, a subtransaction
+ * the records from its first change on.
+ */
+static void
+kb_stream_abort(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+				XLogRecPtr abort_lsn)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+	KbStreamedTxn *st = find_stream(data, txn->toptxn ? txn->toptxn->xid : txn->xid);
+
+	if (st == NULL)
+		return;
+	if (txn->toptxn)
+		kb_spool_cut(st->spool, txn->first_lsn);
+	else
+		drop_stream(data, st);
+}
+
+static void
+kb_stream_change(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+				 Relation relation, ReorderBufferChange *change)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	data->stream_lsn = change->lsn;
+	data->stream_xid = change->txn->xid;
+	kb_change(ctx, txn, relation, change);
+}
+
+static void
+kb_stream_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+				   int nrelations, Relation relations[],
+				   ReorderBufferChange *change)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	data->stream_lsn = change->lsn;
+	data->stream_xid = change->txn->xid;
+	kb_truncate(ctx, txn, nrelations, relations, change);
+}
+
+/* PostgreSQL does not say which subtransaction sent a message. */
+static void
+kb_stream_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+				  XLogRecPtr message_lsn, bool transactional,
+				  const char *prefix, Size message_size, const char *message)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	data->stream_lsn = message_lsn;
+	data->stream_xid = InvalidTransactionId;
+	kb_message(ctx, txn, message_lsn, transactional, prefix, message_size, message);
+}
+
+/* Produce a row record read back from a spool, its transaction now known. */
+static void
+replay_row(KbDecodingData *data, StringInfo rec, StringInfo value)
+{
+	KbSpooledRecord head;
+	const char *p = rec->data + sizeof(head);
+	const char *topic,
+			   *event,
+			   *key = NULL,
+			   *v = NULL;
+	int			value_len = 0;
+	KbEventHeaders headers;
+
+	memcpy(&head, rec->data, sizeof(head));
+	topic = p;
+	p += head.topic_len;
+	event = p;
+	p += head.event_len;
+	if (head.key_len >= 0)
+	{
+		key = p;
+		p += head.key_len;
+	}
+	if (head.value_len >= 0)
+	{
+		v = p;
+		value_len = head.value_len;
+		if (head.meta_at >= 0)
+		{
+			resetStringInfo(value);
+			appendBinaryStringInfo(value, v, head.meta_at);
+			appendBinaryStringInfo(value, data->txn_meta.data, data->txn_meta.len);
+			appendBinaryStringInfo(value, v + head.meta_at, head.value_len - head.meta_at);
+			v = value->data;
+			value_len = value->len;
+		}
+	}
+
+	/* numbered as record_begin numbers a decoded record */
+	if (!head.null_value || data->seq == 0)
+	{
+		data->seq_len = pg_ultoa_n(++data->seq, data->seq_text);
+		data->seq_text[data->seq_len] = '\0';
+	}
+	headers = (KbEventHeaders) {
+		.event = event,
+		.origin = data->origin,
+		.lsn = data->include_lsn ? data->lsn : NULL,
+		.seq = data->seq_text,
+		.commit_time = data->include_timestamp ? data->commit_time : NULL,
+		.event_len = head.event_len,
+		.origin_len = data->origin_len,
+		.lsn_len = data->lsn_len,
+		.seq_len = data->seq_len,
+		.commit_time_len = data->commit_time_len
+	};
+	kb_publisher_produce(data->publisher, NULL, topic, head.topic_len,
+						 key, Max(head.key_len, 0), v, value_len, &headers);
+}
+
+/*
+ * A streamed transaction committed: produce its records from its spool,
+ * in order, then commit as a decoded transaction does.  PostgreSQL has
+ * streamed its last changes just before.
+ */
+static void
+kb_stream_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+				 XLogRecPtr commit_lsn)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+	KbStreamedTxn *st = find_stream(data, txn->xid);
+
+	kb_begin(ctx, txn);
+	if (st != NULL && kb_spool_records(st->spool) > 0)
+	{
+		MemoryContext old = MemoryContextSwitchTo(data->change_cxt);
+		StringInfoData value;
+		uint64		n = 0;
+
+		initStringInfo(&value);
+		prepare_transaction(data, txn);
+		kb_spool_rewind(st->spool);
+		while (kb_spool_next(st->spool, &data->spool_rec))
+		{
+			if (data->spool_rec.data[0] == KB_SPOOL_SEND)
+				kb_publisher_produce_send(data->publisher, data->spool_rec.data + 1,
+										  data->spool_rec.len - 1);
+			else
+				replay_row(data, &data->spool_rec, &value);
+			if ((++n % KB_REPLAY_BATCH) == 0)
+				CHECK_FOR_INTERRUPTS();
+		}
+		data->txn_has_records = true;
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(data->change_cxt);
+	}
+	if (st != NULL)
+		drop_stream(data, st);
+	kb_commit(ctx, txn, commit_lsn);
 }
 
 /* Changes kafka_bridge applied from Kafka carry an origin: no echo. */

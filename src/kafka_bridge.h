@@ -47,6 +47,7 @@ extern int	kb_apply_batch_size;
 extern int	kb_tombstone_retention;
 extern int	kb_conflict_retention;
 extern bool kb_create_topics;
+extern bool kb_stream_large_transactions;
 extern int	kb_topic_partitions;
 extern int	kb_topic_replication_factor;
 extern int	kb_topic_cleanup_policy;
@@ -274,6 +275,7 @@ extern bool kb_publisher_failed(KbPublisher *pub);
  * directly (no frames): the publisher whose decoding ctx is, else NULL.
  */
 extern KbPublisher *kb_publisher_of(struct LogicalDecodingContext *ctx);
+extern bool kb_publisher_decodes(struct LogicalDecodingContext *ctx);
 extern void kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len);
 extern void kb_publisher_commit(KbPublisher *pub, XLogRecPtr end_lsn);
 

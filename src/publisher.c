@@ -541,6 +541,13 @@ kb_publisher_of(LogicalDecodingContext *ctx)
 	return ctx->write == write_frame ? current : NULL;
 }
 
+/* Whether ctx decodes for a publisher (known from its startup on). */
+bool
+kb_publisher_decodes(LogicalDecodingContext *ctx)
+{
+	return ctx->write == write_frame;
+}
+
 /*
  * Create the database's slot if it does not exist yet.  Its start point is
  * the current end of WAL: what committed before was not published.

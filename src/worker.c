@@ -120,6 +120,8 @@ typedef struct WorkerState
 	int			backoff_ms;		/* after a failed delivery, doubling */
 	XLogRecPtr	failed_upto;	/* what was decoded when it failed */
 	uint64		published_at_probe; /* events_published at the last probe */
+	XLogRecPtr	last_flush;		/* WAL flushed when last looked at, idle */
+	TimestampTz flush_moved_at; /* when that last moved */
 } WorkerState;
 
 /* Drop the publisher and the producer; both are built again later. */
@@ -247,6 +249,7 @@ worker_loop(const char *dbname)
 		TimestampTz now;
 		long		nap;
 		KbSnapshotWork snapshot;
+		XLogRecPtr	flushed;
 
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(loop_cxt);
@@ -292,6 +295,24 @@ worker_loop(const char *dbname)
 			nap = 0;
 		else if (w.pub && (snapshot == KB_SNAPSHOT_WAITING || kb_publisher_pending(w.pub)))
 			nap = 10;
+
+		/*
+		 * WAL written in the last second, with no commit to wake us: a
+		 * large transaction maybe, which decoding follows as it is written
+		 * (streamed to the plugin, or spilled) rather than all after its
+		 * commit.  Look every 20 ms until WAL stops moving.
+		 */
+		else if (w.pub &&
+				 ((flushed = GetFlushRecPtr(NULL)) != w.last_flush ||
+				  !TimestampDifferenceExceeds(w.flush_moved_at, GetCurrentTimestamp(), 1000)))
+		{
+			if (flushed != w.last_flush)
+			{
+				w.last_flush = flushed;
+				w.flush_moved_at = GetCurrentTimestamp();
+			}
+			nap = 20;
+		}
 		else
 			nap = Min(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), w.next_probe), 1000L);
 		/* a commit woke us: maybe publish() or snapshot(), look soon */

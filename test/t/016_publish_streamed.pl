@@ -1,0 +1,149 @@
+# Transactions larger than logical_decoding_work_mem (64kB here), with
+# kafka_bridge.stream_large_transactions on: PostgreSQL streams their
+# changes to the publisher before the commit, which keeps
+# their records in a spool (src/spool.c) until the commit produces them or
+# the abort drops them.  Checked here: what reaches Kafka is what a
+# decoded-at-commit transaction would give (rows, deletes, truncates,
+# kafka_bridge.send() records, both formats, the commit's LSN and time in
+# headers and envelopes, seq numbering), savepoints rolled back after
+# their changes were streamed leave nothing, an aborted streamed
+# transaction leaves nothing, and PostgreSQL did stream (not spill).
+use strict;
+use warnings;
+
+use JSON::PP;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use KafkaBridgeTest;
+
+my $node = kb_node('streamed',
+	conf => "logical_decoding_work_mem = 64kB\nkafka_bridge.stream_large_transactions = on\n");
+$node->start;
+$node->safe_psql('postgres', q{
+	CREATE EXTENSION kafka_bridge;
+	CREATE TABLE big (id int PRIMARY KEY, v text);
+	CREATE TABLE flat_rows (id int PRIMARY KEY, v text);
+	CREATE TABLE wiped (id int PRIMARY KEY);
+	INSERT INTO wiped SELECT generate_series(1, 10);
+	SELECT kafka_bridge.publish('big', topic => 'regress_streamed');
+	SELECT kafka_bridge.publish('flat_rows', topic => 'regress_streamed_flat', format => 'flat');
+	SELECT kafka_bridge.publish('wiped', topic => 'regress_streamed_wiped');
+});
+ok(kb_wait_slot($node), 'slot created');
+
+# 1. a committed transaction of some 3 MB of changes, with savepoints:
+#    rows 1-5000, a send() and rows 100001-105000 in a savepoint rolled
+#    back, a savepoint released, updates, deletes, a truncate, a send()
+#    that commits, flat rows
+$node->safe_psql('postgres', q{
+	BEGIN;
+	INSERT INTO big SELECT g, repeat('a', 200) FROM generate_series(1, 5000) g;
+	SAVEPOINT s1;
+	SELECT kafka_bridge.send('regress_streamed_app', 'ghost', 'rolled back'::text);
+	INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(100001, 105000) g;
+	SAVEPOINT s1b;
+	INSERT INTO big SELECT g, repeat('y', 200) FROM generate_series(105001, 106000) g;
+	RELEASE s1b;
+	ROLLBACK TO s1;
+	SAVEPOINT s2;
+	INSERT INTO big SELECT g, repeat('b', 200) FROM generate_series(5001, 8000) g;
+	RELEASE s2;
+	UPDATE big SET v = repeat('c', 200) WHERE id <= 2000;
+	DELETE FROM big WHERE id > 7000;
+	TRUNCATE wiped;
+	SELECT kafka_bridge.send('regress_streamed_app', 'kept', 'committed'::text);
+	INSERT INTO flat_rows SELECT g, 'flat ' || g FROM generate_series(1, 3000) g;
+	COMMIT;
+});
+my $commit_lsn = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
+
+# what the transaction should give on topic regress_streamed: 8,000
+# inserts, 2,000 updates, 1,000 deletes each followed by a tombstone
+my $expected = 8000 + 2000 + 1000 * 2;
+my @records = kafka_wait_records('regress_streamed', $expected, 120);
+is(scalar(@records), $expected, "the topic holds the transaction's $expected records");
+
+my $json = JSON::PP->new;
+my (%kinds, %ids, %lsn, %time, $seq_ok, $meta_ok);
+$seq_ok = 1;
+$meta_ok = 1;
+my $prev_seq = 0;
+for my $r (@records)
+{
+	my $h = $r->{headers};
+	$kinds{ $h->{event} }++;
+	$lsn{ $h->{lsn} }++;
+	$time{ $h->{commit_time} }++;
+	# numbered from 1 in order, a tombstone sharing its DELETE's number
+	my $want = defined $r->{value} ? $prev_seq + 1 : $prev_seq;
+	$seq_ok = 0 if $h->{seq} != $want;
+	$prev_seq = $h->{seq};
+	next unless defined $r->{value};
+	my $v = $json->decode($r->{value});
+	$ids{ $v->{row}{id} }++;
+	$meta_ok = 0
+	  unless $v->{lsn} eq $h->{lsn}
+	  && $v->{origin} eq 'streamed'
+	  && defined $v->{commit_time}
+	  && $v->{table} eq 'public.big';
+}
+is_deeply(\%kinds, { 'BIG-PUT' => 10000, 'BIG-DELETE' => 2000 },
+	'inserts and updates as PUT, deletes as DELETE and tombstone');
+is(scalar(grep { $_ > 100000 } keys %ids), 0,
+	'no record of the rows a rolled-back savepoint wrote after they were streamed');
+is(scalar(keys %ids), 8000, 'a record for each of the 8,000 rows written and not rolled back');
+is(scalar(keys %lsn), 1, 'every record carries one LSN, the commit\'s');
+is(scalar(keys %time), 1, 'and one commit time');
+ok($seq_ok, 'seq numbers the records 1, 2, ... in order, tombstones sharing their DELETE\'s');
+ok($meta_ok, 'every envelope carries the commit LSN, origin and commit time in its fields');
+my ($the_lsn) = keys %lsn;
+ok($node->safe_psql('postgres', "SELECT '$the_lsn'::pg_lsn < '$commit_lsn'::pg_lsn"),
+	"the LSN ($the_lsn) is the commit's, before the end of WAL then ($commit_lsn)");
+
+my @flat = kafka_wait_records('regress_streamed_flat', 3000, 60);
+is(scalar(@flat), 3000, 'the flat table\'s 3,000 rows');
+is(scalar(grep { $_->{key} eq 'FLAT_ROWS-PUT' && $json->decode($_->{value})->{v} =~ /^flat \d+$/ } @flat),
+	3000, 'keyed FLAT_ROWS-PUT, valued the row alone');
+
+# publish() snapshotted the table's 10 rows first
+my @wiped = kafka_wait_records('regress_streamed_wiped', 11, 60);
+is(join(',', grep { !/PUT/ } map { $_->{headers}{event} } @wiped), 'WIPED-TRUNCATE',
+	'the truncate, once');
+is($wiped[-1]{headers}{event}, 'WIPED-TRUNCATE', 'after the snapshot\'s rows');
+
+my @app = kafka_wait_records('regress_streamed_app', 1, 60);
+is(join(',', map { $_->{key} } @app), 'kept',
+	'the send() that committed, not the one in the rolled-back savepoint');
+
+# 2. an aborted transaction of the same size leaves nothing
+$node->safe_psql('postgres', q{
+	BEGIN;
+	INSERT INTO big SELECT g, repeat('z', 200) FROM generate_series(200001, 210000) g;
+	SELECT kafka_bridge.send('regress_streamed_app', 'aborted', 'never'::text);
+	ROLLBACK;
+});
+# then a small one, to know when the publisher is past the abort
+$node->safe_psql('postgres', "INSERT INTO big VALUES (300000, 'after')");
+@records = kafka_wait_records('regress_streamed', $expected + 1, 60);
+is(scalar(@records), $expected + 1, 'after the aborted transaction, only the next one\'s row');
+is($json->decode($records[-1]{value})->{row}{id}, 300000, 'which is the row 300000');
+is(scalar(kafka_records('regress_streamed_app')), 1, 'and no send() record of the aborted one');
+
+# PostgreSQL streamed these transactions to the plugin, and spilled none
+my ($streamed, $spilled) = split /\|/, $node->safe_psql('postgres',
+	"SELECT stream_txns, spill_txns FROM pg_stat_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'");
+cmp_ok($streamed, '>=', 2, "PostgreSQL streamed the transactions ($streamed)");
+is($spilled, 0, 'and spilled none to disk');
+
+# the slot moves past everything, and the spool files are gone
+my $end = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
+ok($node->poll_query_until('postgres',
+		"SELECT confirmed_flush_lsn >= '$end' FROM pg_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'"),
+	'the slot is confirmed past the last row');
+my $tmp = $node->data_dir . '/base/pgsql_tmp';
+my @left = -d $tmp ? glob("$tmp/*") : ();
+is(scalar(@left), 0, 'no spool file is left behind');
+
+$node->stop;
+done_testing();
