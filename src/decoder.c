@@ -114,7 +114,6 @@ static const char *const event_suffix[KB_NUM_EVENTS] = {
 	KB_EVENT_PUT, KB_EVENT_DELETE, KB_EVENT_TRUNCATE
 };
 
-/* The plugin's state for one decoding session. */
 /* A transaction PostgreSQL streams to the publisher before its commit. */
 typedef struct KbStreamedTxn
 {
@@ -146,6 +145,7 @@ typedef struct KbSpooledRecord
 /* How many records a commit replays from a spool between interrupt checks */
 #define KB_REPLAY_BATCH 1024
 
+/* The plugin's state for one decoding session. */
 typedef struct KbDecodingData
 {
 	MemoryContext cache_cxt;	/* the relation cache */
@@ -1258,7 +1258,7 @@ kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 		resetStringInfo(&data->spool_rec);
 		appendStringInfoChar(&data->spool_rec, KB_SPOOL_SEND);
 		appendBinaryStringInfo(&data->spool_rec, message + 1, message_size - 1);
-		kb_spool_append(data->stream->spool, data->stream_lsn, InvalidTransactionId,
+		kb_spool_append(data->stream->spool, data->stream_lsn, data->stream_xid,
 						data->spool_rec.data, data->spool_rec.len);
 		data->txn_has_records = true;
 		return;

@@ -232,6 +232,26 @@ publish_step(WorkerState *w)
 	w->next_probe = w->publish_retry_at;
 }
 
+/*
+ * Whether WAL was written in the last second, while we are caught up: a
+ * large transaction maybe, with no commit to wake us yet, which decoding
+ * follows as it is written (streamed to the plugin, or spilled) rather than
+ * all after its commit.
+ */
+static bool
+wal_moved_lately(WorkerState *w)
+{
+	XLogRecPtr	flushed = GetFlushRecPtr(NULL);
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (flushed != w->last_flush)
+	{
+		w->last_flush = flushed;
+		w->flush_moved_at = now;
+	}
+	return !TimestampDifferenceExceeds(w->flush_moved_at, now, 1000);
+}
+
 static void
 worker_loop(const char *dbname)
 {
@@ -249,7 +269,6 @@ worker_loop(const char *dbname)
 		TimestampTz now;
 		long		nap;
 		KbSnapshotWork snapshot;
-		XLogRecPtr	flushed;
 
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(loop_cxt);
@@ -295,24 +314,8 @@ worker_loop(const char *dbname)
 			nap = 0;
 		else if (w.pub && (snapshot == KB_SNAPSHOT_WAITING || kb_publisher_pending(w.pub)))
 			nap = 10;
-
-		/*
-		 * WAL written in the last second, with no commit to wake us: a
-		 * large transaction maybe, which decoding follows as it is written
-		 * (streamed to the plugin, or spilled) rather than all after its
-		 * commit.  Look every 20 ms until WAL stops moving.
-		 */
-		else if (w.pub &&
-				 ((flushed = GetFlushRecPtr(NULL)) != w.last_flush ||
-				  !TimestampDifferenceExceeds(w.flush_moved_at, GetCurrentTimestamp(), 1000)))
-		{
-			if (flushed != w.last_flush)
-			{
-				w.last_flush = flushed;
-				w.flush_moved_at = GetCurrentTimestamp();
-			}
+		else if (w.pub && wal_moved_lately(&w))
 			nap = 20;
-		}
 		else
 			nap = Min(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), w.next_probe), 1000L);
 		/* a commit woke us: maybe publish() or snapshot(), look soon */
