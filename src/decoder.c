@@ -1029,13 +1029,21 @@ kb_startup(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bool is_init)
  * Whether PostgreSQL may stream the next transaction that outgrows
  * logical_decoding_work_mem, as kafka_bridge.stream_large_transactions
  * says now; never off while a streamed transaction is open, whose end
- * comes through the stream callbacks.
+ * comes through the stream callbacks.  Looked at when a transaction
+ * begins, and by the publisher before each round of decoding (a
+ * transaction that outgrows the memory does so before its begin).
  */
 static void
 update_streaming(LogicalDecodingContext *ctx, KbDecodingData *data)
 {
 	ctx->streaming = data->can_stream &&
 		(kb_stream_large_transactions || data->streams != NIL);
+}
+
+void
+kb_decoder_update_streaming(LogicalDecodingContext *ctx)
+{
+	update_streaming(ctx, ctx->output_plugin_private);
 }
 
 static void

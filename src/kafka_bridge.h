@@ -278,6 +278,8 @@ extern KbPublisher *kb_publisher_of(struct LogicalDecodingContext *ctx);
 extern bool kb_publisher_decodes(struct LogicalDecodingContext *ctx);
 extern void kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len);
 extern void kb_publisher_commit(KbPublisher *pub, XLogRecPtr end_lsn);
+/* decoder.c: whether PostgreSQL may stream to ctx's plugin, from the setting now */
+extern void kb_decoder_update_streaming(struct LogicalDecodingContext *ctx);
 
 /* ---- snapshot.c ---- */
 

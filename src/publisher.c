@@ -753,6 +753,8 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 	pub->step_target = end_of_wal;
 	if (pub->ctx->reader->EndRecPtr < end_of_wal)
 		pgstat_report_activity(STATE_RUNNING, "decoding and publishing changes");
+	/* a reload may have changed stream_large_transactions */
+	kb_decoder_update_streaming(pub->ctx);
 	MemoryContextSwitchTo(pub->decode_cxt);
 
 	while (!is_failed(pub) && pub->ctx->reader->EndRecPtr < end_of_wal)

@@ -37,7 +37,7 @@ int			kb_tombstone_retention;
 int			kb_conflict_retention;
 int			kb_probe_interval = 5;
 bool		kb_create_topics = true;
-bool		kb_stream_large_transactions = false;
+bool		kb_stream_large_transactions = true;
 int			kb_topic_partitions = -1;
 int			kb_topic_replication_factor = -1;
 int			kb_topic_cleanup_policy = KB_CLEANUP_COMPACT;
@@ -553,8 +553,8 @@ kb_define_settings(void)
 
 	DefineCustomBoolVariable("kafka_bridge.stream_large_transactions",
 							 "Let PostgreSQL stream a transaction that outgrows logical_decoding_work_mem to the publisher before its commit.",
-							 "The publisher keeps the transaction's records in a temporary file until the commit produces them; off, PostgreSQL spills the transaction's changes and the publisher decodes them at commit.",
-							 &kb_stream_large_transactions, false,
+							 "The publisher keeps the transaction's records in a temporary file until the commit produces them; off, PostgreSQL spills the transaction's changes and the publisher decodes them all after the commit.",
+							 &kb_stream_large_transactions, true,
 							 PGC_SIGHUP, 0,
 							 NULL, NULL, NULL);
 

@@ -1,13 +1,16 @@
 # Transactions larger than logical_decoding_work_mem (64kB here), with
-# kafka_bridge.stream_large_transactions on: PostgreSQL streams their
-# changes to the publisher before the commit, which keeps
+# kafka_bridge.stream_large_transactions on (the default): PostgreSQL
+# streams their changes to the publisher before the commit, which keeps
 # their records in a spool (src/spool.c) until the commit produces them or
 # the abort drops them.  Checked here: what reaches Kafka is what a
 # decoded-at-commit transaction would give (rows, deletes, truncates,
 # kafka_bridge.send() records, both formats, the commit's LSN and time in
 # headers and envelopes, seq numbering), savepoints rolled back after
 # their changes were streamed leave nothing, an aborted streamed
-# transaction leaves nothing, and PostgreSQL did stream (not spill).
+# transaction leaves nothing, PostgreSQL did stream (not spill), and
+# temp_file_limit (1MB here, the spool takes some 3MB) does not stop the
+# publisher.  Then, with the setting off, a large transaction is spilled
+# by PostgreSQL and published whole after its commit.
 use strict;
 use warnings;
 
@@ -18,7 +21,7 @@ use Test::More;
 use KafkaBridgeTest;
 
 my $node = kb_node('streamed',
-	conf => "logical_decoding_work_mem = 64kB\nkafka_bridge.stream_large_transactions = on\n");
+	conf => "logical_decoding_work_mem = 64kB\ntemp_file_limit = 1MB\n");
 $node->start;
 $node->safe_psql('postgres', q{
 	CREATE EXTENSION kafka_bridge;
@@ -135,6 +138,38 @@ my ($streamed, $spilled) = split /\|/, $node->safe_psql('postgres',
 	"SELECT stream_txns, spill_txns FROM pg_stat_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'");
 cmp_ok($streamed, '>=', 2, "PostgreSQL streamed the transactions ($streamed)");
 is($spilled, 0, 'and spilled none to disk');
+
+# 3. streaming off: PostgreSQL spills a large transaction, and the
+#    publisher decodes it after the commit, rolled-back savepoint and all
+$node->safe_psql('postgres', q{
+	ALTER SYSTEM SET kafka_bridge.stream_large_transactions = off;
+	SELECT pg_reload_conf();
+});
+# the publisher applies the setting from the next transaction it decodes
+# after the reload reached it
+sleep 1;
+$node->safe_psql('postgres', q{
+	BEGIN;
+	INSERT INTO big SELECT g, repeat('s', 200) FROM generate_series(400001, 405000) g;
+	SAVEPOINT s3;
+	INSERT INTO big SELECT g, repeat('r', 200) FROM generate_series(500001, 501000) g;
+	ROLLBACK TO s3;
+	SELECT kafka_bridge.send('regress_streamed_app', 'spilled', 'committed'::text);
+	COMMIT;
+});
+@records = kafka_wait_records('regress_streamed', $expected + 1 + 5000, 60);
+my @spilled = @records[ $expected + 1 .. $#records ];
+is(scalar(@spilled), 5000, 'the spilled transaction\'s 5,000 rows');
+is(scalar(grep { $json->decode($_->{value})->{row}{id} > 500000 } @spilled), 0,
+	'none of its rolled-back savepoint');
+my %spilled_lsn = map { $_->{headers}{lsn} => 1 } @spilled;
+is(scalar(keys %spilled_lsn), 1, 'all with its commit\'s LSN');
+@app = kafka_wait_records('regress_streamed_app', 2, 60);
+is(join(',', map { $_->{key} } @app), 'kept,spilled', 'and its send()');
+my ($streamed_now, $spilled_now) = split /\|/, $node->safe_psql('postgres',
+	"SELECT stream_txns, spill_txns FROM pg_stat_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'");
+cmp_ok($spilled_now, '>=', 1, "PostgreSQL spilled it ($spilled_now)");
+is($streamed_now, $streamed, 'and streamed nothing more');
 
 # the slot moves past everything, and the spool files are gone
 my $end = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
