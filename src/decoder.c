@@ -51,11 +51,12 @@
  * decoding replays at their place in the WAL.
  *
  * Large transactions: for the publisher, with
- * kafka_bridge.stream_large_transactions on, the plugin takes the changes
- * of a transaction that outgrows logical_decoding_work_mem as PostgreSQL
- * streams them, before the commit, and keeps their records in a spool
- * (spool.c) until the commit replays them or the abort drops them; the
- * commit LSN and time, unknown until then, go into the records at replay.
+ * kafka_bridge.stream_large_transactions on (the default), the plugin
+ * takes the changes of a transaction that outgrows
+ * logical_decoding_work_mem as PostgreSQL streams them, before the commit,
+ * and keeps their records in a spool (spool.c) until the commit replays
+ * them or the abort drops them; the commit LSN and time, unknown until
+ * then, go into the records at replay.
  * Otherwise, and for the other consumers (json and kafka frames), such a
  * transaction spills to disk and is decoded at commit, as PostgreSQL does
  * by default.
