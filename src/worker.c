@@ -383,8 +383,9 @@ kafka_bridge_worker_main(Datum arg)
 	 * pages again a moment later: page faults took a tenth of the decoding
 	 * thread on a 1M-row transaction (bench/publish, one_txn).  The
 	 * publisher keeps what it freed while it is busy and gives it back
-	 * with malloc_trim() once it is idle (worker_loop).  That transaction
-	 * was then decoded in 10% less time spilled, and much faster streamed
+	 * with malloc_trim() once it is idle (worker_loop).  In alternating
+	 * runs that transaction then took 4% less of the decoding thread
+	 * spilled, and streamed went from slower than spilled to faster
 	 * (docs/publishing.md); the worker's peak grew from 112 to 130 MB.
 	 */
 	if (slot->role != KB_ROLE_APPLIER)
