@@ -1047,6 +1047,15 @@ kb_decoder_update_streaming(LogicalDecodingContext *ctx)
 	update_streaming(ctx, ctx->output_plugin_private);
 }
 
+/* Whether a transaction streamed to ctx's plugin waits for its end. */
+bool
+kb_decoder_stream_open(LogicalDecodingContext *ctx)
+{
+	KbDecodingData *data = ctx->output_plugin_private;
+
+	return data != NULL && data->streams != NIL;
+}
+
 static void
 kb_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 {
@@ -1410,6 +1419,11 @@ kb_stream_stop(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 {
 	KbDecodingData *data = ctx->output_plugin_private;
 
+	/* a transaction streamed for minutes shows how far it got */
+	if (data->publisher && data->stream)
+		kb_publisher_report(data->publisher,
+							"keeping the records of transaction %u until its end: " UINT64_FORMAT " so far",
+							data->stream->xid, kb_spool_records(data->stream->spool));
 	data->stream = NULL;
 }
 
@@ -1429,7 +1443,13 @@ kb_stream_abort(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	if (txn->toptxn)
 		kb_spool_cut(st->spool, txn->first_lsn);
 	else
+	{
+		if (kb_publisher_of(ctx))
+			kb_publisher_report(kb_publisher_of(ctx),
+								"dropped the " UINT64_FORMAT " records of transaction %u, rolled back",
+								kb_spool_records(st->spool), st->xid);
 		drop_stream(data, st);
+	}
 }
 
 static void
@@ -1549,6 +1569,9 @@ kb_stream_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 
 		initStringInfo(&value);
 		prepare_transaction(data, txn);
+		kb_publisher_report(data->publisher,
+							"producing the " UINT64_FORMAT " records of transaction %u, committed",
+							kb_spool_records(st->spool), st->xid);
 		kb_spool_rewind(st->spool);
 		while (kb_spool_next(st->spool, &data->spool_rec))
 		{

@@ -229,6 +229,7 @@ extern bool kb_publisher_caught_up(KbPublisher *pub);
 extern bool kb_publisher_pending(KbPublisher *pub);
 extern XLogRecPtr kb_publisher_confirmed(KbPublisher *pub);
 extern XLogRecPtr kb_publisher_decoded(KbPublisher *pub);
+extern bool kb_publisher_streaming(KbPublisher *pub);
 extern void kb_publisher_delivery_report(rd_kafka_t *rk,
 										 const rd_kafka_message_t *msg,
 										 void *opaque);
@@ -276,10 +277,12 @@ extern bool kb_publisher_failed(KbPublisher *pub);
  */
 extern KbPublisher *kb_publisher_of(struct LogicalDecodingContext *ctx);
 extern bool kb_publisher_decodes(struct LogicalDecodingContext *ctx);
+extern void kb_publisher_report(KbPublisher *pub, const char *fmt,...) pg_attribute_printf(2, 3);
 extern void kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len);
 extern void kb_publisher_commit(KbPublisher *pub, XLogRecPtr end_lsn);
 /* decoder.c: whether PostgreSQL may stream to ctx's plugin, from the setting now */
 extern void kb_decoder_update_streaming(struct LogicalDecodingContext *ctx);
+extern bool kb_decoder_stream_open(struct LogicalDecodingContext *ctx);
 
 /* ---- snapshot.c ---- */
 

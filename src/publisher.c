@@ -541,6 +541,20 @@ kb_publisher_of(LogicalDecodingContext *ctx)
 	return ctx->write == write_frame ? current : NULL;
 }
 
+/* Say what the publisher does, in kafka_bridge.status and pg_stat_activity. */
+void
+kb_publisher_report(KbPublisher *pub, const char *fmt,...)
+{
+	char		activity[128];
+	va_list		args;
+
+	va_start(args, fmt);
+	vsnprintf(activity, sizeof(activity), fmt, args);
+	va_end(args);
+	kb_status_set(pub->status_slot, kb_status_slot(pub->status_slot)->state, activity);
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
 /* Whether ctx decodes for a publisher (known from its startup on). */
 bool
 kb_publisher_decodes(LogicalDecodingContext *ctx)
@@ -807,6 +821,13 @@ XLogRecPtr
 kb_publisher_decoded(KbPublisher *pub)
 {
 	return pub->ctx ? pub->ctx->reader->EndRecPtr : pub->confirmed;
+}
+
+/* Whether a transaction streamed before its end is being kept (decoder.c). */
+bool
+kb_publisher_streaming(KbPublisher *pub)
+{
+	return pub->ctx && kb_decoder_stream_open(pub->ctx);
 }
 
 /* Whether records wait for their acknowledgement. */

@@ -70,10 +70,12 @@ extension_installed(void)
 
 /*
  * Check the brokers and record the outcome; log only changes of state so an
- * outage does not flood the server log.
+ * outage does not flood the server log.  keep_activity: the brokers being
+ * up leaves the activity shown as it is (a streamed transaction's
+ * progress).
  */
 static void
-probe_brokers(KbKafkaClient *client, const char *dbname)
+probe_brokers(KbKafkaClient *client, const char *dbname, bool keep_activity)
 {
 	KbWorkerSlot *slot = kb_status_slot(my_slot);
 	KbWorkerState before = slot->state;
@@ -87,7 +89,7 @@ probe_brokers(KbKafkaClient *client, const char *dbname)
 	{
 		kb_status_set_brokers(my_slot, brokers);
 		snprintf(activity, sizeof(activity), "connected to Kafka brokers %s", brokers);
-		report(KB_STATE_CONNECTED, activity);
+		report(KB_STATE_CONNECTED, keep_activity ? NULL : activity);
 		if (before != KB_STATE_CONNECTED)
 			ereport(LOG,
 					(errmsg("kafka_bridge publisher for database \"%s\" connected to Kafka brokers %s",
@@ -187,7 +189,8 @@ check_and_probe(WorkerState *w)
 		if (w->client && w->pub && published > w->published_at_probe)
 			report(KB_STATE_CONNECTED, NULL);
 		else if (w->client)
-			probe_brokers(w->client, w->dbname);
+			probe_brokers(w->client, w->dbname,
+						  w->pub && kb_publisher_streaming(w->pub));
 	}
 	w->published_at_probe = published;
 	if (!w->have_extension)

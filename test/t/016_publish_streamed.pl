@@ -139,15 +139,36 @@ my ($streamed, $spilled) = split /\|/, $node->safe_psql('postgres',
 cmp_ok($streamed, '>=', 2, "PostgreSQL streamed the transactions ($streamed)");
 is($spilled, 0, 'and spilled none to disk');
 
-# 3. streaming off: PostgreSQL spills a large transaction, and the
+# 3. while a streamed transaction is open, kafka_bridge.status shows how
+#    many of its records the publisher keeps so far, and the broker checks
+#    (every second here) leave that shown; its rollback is shown too
+my $open = $node->background_psql('postgres');
+$open->query_safe(q{BEGIN});
+$open->query_safe(q{INSERT INTO big SELECT g, repeat('o', 200) FROM generate_series(600001, 605000) g});
+my $keeping = q{SELECT activity FROM kafka_bridge.status WHERE worker = 'publisher'};
+ok($node->poll_query_until('postgres',
+		"SELECT ($keeping) ~ '^keeping the records of transaction [0-9]+ until its end: [1-9][0-9]* so far\$'"),
+	'the status shows the open transaction\'s records kept so far');
+sleep 3;
+like($node->safe_psql('postgres', $keeping), qr/^keeping the records of transaction/,
+	'and still does after three broker checks');
+$open->query_safe(q{ROLLBACK});
+ok($node->poll_query_until('postgres',
+		"SELECT ($keeping) ~ '^dropped the [1-9][0-9]* records of transaction [0-9]+, rolled back\$'"),
+	'then that it dropped them at the rollback');
+$open->quit;
+
+# 4. streaming off: PostgreSQL spills a large transaction, and the
 #    publisher decodes it after the commit, rolled-back savepoint and all
 $node->safe_psql('postgres', q{
 	ALTER SYSTEM SET kafka_bridge.stream_large_transactions = off;
 	SELECT pg_reload_conf();
 });
-# the publisher applies the setting from the next transaction it decodes
-# after the reload reached it
+# the publisher applies the setting from its next round of decoding after
+# the reload reached it
 sleep 1;
+my $streamed_before = $node->safe_psql('postgres',
+	"SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'");
 $node->safe_psql('postgres', q{
 	BEGIN;
 	INSERT INTO big SELECT g, repeat('s', 200) FROM generate_series(400001, 405000) g;
@@ -169,7 +190,7 @@ is(join(',', map { $_->{key} } @app), 'kept,spilled', 'and its send()');
 my ($streamed_now, $spilled_now) = split /\|/, $node->safe_psql('postgres',
 	"SELECT stream_txns, spill_txns FROM pg_stat_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'");
 cmp_ok($spilled_now, '>=', 1, "PostgreSQL spilled it ($spilled_now)");
-is($streamed_now, $streamed, 'and streamed nothing more');
+is($streamed_now, $streamed_before, 'and streamed nothing more');
 
 # the slot moves past everything, and the spool files are gone
 my $end = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
