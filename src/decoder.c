@@ -256,6 +256,7 @@ static void kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 					   const char *prefix, Size message_size,
 					   const char *message);
 static void update_streaming(LogicalDecodingContext *ctx, KbDecodingData *data);
+static void end_stream(LogicalDecodingContext *ctx, KbStreamedTxn *st);
 static void kb_shutdown(LogicalDecodingContext *ctx);
 static void kb_stream_start(LogicalDecodingContext *ctx, ReorderBufferTXN *txn);
 static void kb_stream_stop(LogicalDecodingContext *ctx, ReorderBufferTXN *txn);
@@ -1037,14 +1038,48 @@ kb_startup(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bool is_init)
 static void
 update_streaming(LogicalDecodingContext *ctx, KbDecodingData *data)
 {
-	ctx->streaming = data->can_stream &&
+	bool		stream = data->can_stream &&
 		(kb_stream_large_transactions || data->streams != NIL);
+
+	/*
+	 * On only while no transaction is being decoded: PostgreSQL notes that
+	 * a transaction stands between a TOAST chunk or a speculative insert
+	 * and the change that completes it (which must not be streamed apart)
+	 * only while streaming is on, so one begun with it off could be
+	 * streamed at the wrong place.  Off at any time: a transaction already
+	 * streamed goes on through the stream callbacks (data->streams).
+	 */
+	if (stream && !ctx->streaming && !dlist_is_empty(&ctx->reorder->toplevel_by_lsn))
+		return;
+	ctx->streaming = stream;
 }
 
+/*
+ * Between two rounds of decoding.  A transaction cut short by a crash ends
+ * with no abort record: PostgreSQL forgets it once the WAL shows it no
+ * longer runs, and PostgreSQL 15 does so without calling stream_abort, so
+ * a spool whose transaction the reorder buffer no longer knows is dropped
+ * here.  Then a reload of stream_large_transactions applies.
+ */
 void
-kb_decoder_update_streaming(LogicalDecodingContext *ctx)
+kb_decoder_next_round(LogicalDecodingContext *ctx)
 {
-	update_streaming(ctx, ctx->output_plugin_private);
+	KbDecodingData *data = ctx->output_plugin_private;
+	ListCell   *lc;
+
+	foreach(lc, data->streams)
+	{
+		KbStreamedTxn *st = lfirst(lc);
+		bool		found;
+
+		(void) hash_search(ctx->reorder->by_txn, &st->xid, HASH_FIND, &found);
+		if (!found)
+		{
+			end_stream(ctx, st);
+			break;				/* the list changed; the next round sees the rest */
+		}
+	}
+	update_streaming(ctx, data);
 }
 
 /* Whether a transaction streamed to ctx's plugin waits for its end. */
@@ -1384,6 +1419,15 @@ drop_stream(KbDecodingData *data, KbStreamedTxn *st)
 	pfree(st);
 }
 
+/* A streamed transaction ended: its spool goes, the status shows what it did before. */
+static void
+end_stream(LogicalDecodingContext *ctx, KbStreamedTxn *st)
+{
+	drop_stream(ctx->output_plugin_private, st);
+	if (kb_publisher_of(ctx))
+		kb_publisher_report_end(kb_publisher_of(ctx));
+}
+
 static void
 kb_shutdown(LogicalDecodingContext *ctx)
 {
@@ -1443,13 +1487,7 @@ kb_stream_abort(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	if (txn->toptxn)
 		kb_spool_cut(st->spool, txn->first_lsn);
 	else
-	{
-		if (kb_publisher_of(ctx))
-			kb_publisher_report(kb_publisher_of(ctx),
-								"dropped the " UINT64_FORMAT " records of transaction %u, rolled back",
-								kb_spool_records(st->spool), st->xid);
-		drop_stream(data, st);
-	}
+		end_stream(ctx, st);
 }
 
 static void
@@ -1561,6 +1599,7 @@ kb_stream_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	KbStreamedTxn *st = find_stream(data, txn->xid);
 
 	kb_begin(ctx, txn);
+	Assert(data->publisher != NULL);
 	if (st != NULL && kb_spool_records(st->spool) > 0)
 	{
 		MemoryContext old = MemoryContextSwitchTo(data->change_cxt);
@@ -1588,7 +1627,7 @@ kb_stream_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 		MemoryContextReset(data->change_cxt);
 	}
 	if (st != NULL)
-		drop_stream(data, st);
+		end_stream(ctx, st);
 	kb_commit(ctx, txn, commit_lsn);
 }
 

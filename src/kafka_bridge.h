@@ -108,6 +108,8 @@ typedef enum KbWorkerRole
 
 #define KB_NUM_ROLES 2
 
+#define KB_ACTIVITY_LEN 128
+
 typedef struct KbWorkerSlot
 {
 	/* set by the launcher */
@@ -122,7 +124,7 @@ typedef struct KbWorkerSlot
 	int			pid;
 	TimestampTz started_at;
 	char		brokers[256];	/* brokers seen in the last metadata reply */
-	char		activity[128];
+	char		activity[KB_ACTIVITY_LEN];
 	char		last_error[512];
 	TimestampTz last_error_at;
 
@@ -142,6 +144,8 @@ extern void kb_status_release(int index);
 extern void kb_status_set(int index, KbWorkerState state, const char *activity);
 extern void kb_status_set_error(int index, KbWorkerState state,
 								const char *fmt,...) pg_attribute_printf(3, 4);
+extern void kb_status_set_activity(int index, const char *activity);
+extern void kb_status_get_activity(int index, char *activity, size_t size);
 extern void kb_status_set_brokers(int index, const char *brokers);
 extern void kb_status_set_pid(int index, int pid);
 extern const char *kb_state_name(KbWorkerState state);
@@ -278,10 +282,11 @@ extern bool kb_publisher_failed(KbPublisher *pub);
 extern KbPublisher *kb_publisher_of(struct LogicalDecodingContext *ctx);
 extern bool kb_publisher_decodes(struct LogicalDecodingContext *ctx);
 extern void kb_publisher_report(KbPublisher *pub, const char *fmt,...) pg_attribute_printf(2, 3);
+extern void kb_publisher_report_end(KbPublisher *pub);
 extern void kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len);
 extern void kb_publisher_commit(KbPublisher *pub, XLogRecPtr end_lsn);
-/* decoder.c: whether PostgreSQL may stream to ctx's plugin, from the setting now */
-extern void kb_decoder_update_streaming(struct LogicalDecodingContext *ctx);
+/* decoder.c: between two rounds of decoding (streamed transactions) */
+extern void kb_decoder_next_round(struct LogicalDecodingContext *ctx);
 extern bool kb_decoder_stream_open(struct LogicalDecodingContext *ctx);
 
 /* ---- snapshot.c ---- */

@@ -127,6 +127,9 @@ struct KbPublisher
 	TopicEntry *last_topic;		/* the one the last record went to */
 	int			last_topic_len;
 	TopicEntry *handles[KB_TOPIC_HANDLES];	/* the entries with a handle */
+	/* a streamed transaction's progress shown (kb_publisher_report) */
+	bool		reporting;
+	char		activity_before[KB_ACTIVITY_LEN];
 	int			nhandles;
 	uint64		use_clock;
 	RetiredHandle retired[KB_RETIRED_HANDLES];
@@ -541,18 +544,34 @@ kb_publisher_of(LogicalDecodingContext *ctx)
 	return ctx->write == write_frame ? current : NULL;
 }
 
-/* Say what the publisher does, in kafka_bridge.status and pg_stat_activity. */
+/*
+ * Show what the publisher does with a streamed transaction in its row of
+ * kafka_bridge.status (and in pg_stat_activity, until the next round of
+ * decoding says otherwise); kb_publisher_report_end() shows again what was
+ * shown before.
+ */
 void
 kb_publisher_report(KbPublisher *pub, const char *fmt,...)
 {
-	char		activity[128];
+	char		activity[KB_ACTIVITY_LEN];
 	va_list		args;
 
 	va_start(args, fmt);
 	vsnprintf(activity, sizeof(activity), fmt, args);
 	va_end(args);
-	kb_status_set(pub->status_slot, kb_status_slot(pub->status_slot)->state, activity);
+	if (!pub->reporting)
+		kb_status_get_activity(pub->status_slot, pub->activity_before, sizeof(pub->activity_before));
+	pub->reporting = true;
+	kb_status_set_activity(pub->status_slot, activity);
 	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+void
+kb_publisher_report_end(KbPublisher *pub)
+{
+	if (pub->reporting)
+		kb_status_set_activity(pub->status_slot, pub->activity_before);
+	pub->reporting = false;
 }
 
 /* Whether ctx decodes for a publisher (known from its startup on). */
@@ -767,8 +786,7 @@ kb_publisher_step(KbPublisher *pub, int budget_ms, char *error, size_t error_siz
 	pub->step_target = end_of_wal;
 	if (pub->ctx->reader->EndRecPtr < end_of_wal)
 		pgstat_report_activity(STATE_RUNNING, "decoding and publishing changes");
-	/* a reload may have changed stream_large_transactions */
-	kb_decoder_update_streaming(pub->ctx);
+	kb_decoder_next_round(pub->ctx);
 	MemoryContextSwitchTo(pub->decode_cxt);
 
 	while (!is_failed(pub) && pub->ctx->reader->EndRecPtr < end_of_wal)

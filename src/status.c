@@ -148,6 +148,27 @@ kb_status_set_error(int index, KbWorkerState state, const char *fmt,...)
 	LWLockRelease(kb_status->lock);
 }
 
+/* The activity alone, the state as it is. */
+void
+kb_status_set_activity(int index, const char *activity)
+{
+	KbWorkerSlot *s = kb_status_slot(index);
+
+	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
+	strlcpy(s->activity, activity, sizeof(s->activity));
+	LWLockRelease(kb_status->lock);
+}
+
+void
+kb_status_get_activity(int index, char *activity, size_t size)
+{
+	KbWorkerSlot *s = kb_status_slot(index);
+
+	LWLockAcquire(kb_status->lock, LW_SHARED);
+	strlcpy(activity, s->activity, size);
+	LWLockRelease(kb_status->lock);
+}
+
 void
 kb_status_set_brokers(int index, const char *brokers)
 {
