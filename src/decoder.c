@@ -1057,7 +1057,7 @@ update_streaming(LogicalDecodingContext *ctx, KbDecodingData *data)
 /*
  * Between two rounds of decoding.  A transaction cut short by a crash ends
  * with no abort record: PostgreSQL forgets it once the WAL shows it no
- * longer runs, and PostgreSQL 15 does so without calling stream_abort, so
+ * longer runs, and PostgreSQL 15 may do so without calling stream_abort, so
  * a spool whose transaction the reorder buffer no longer knows is dropped
  * here.  Then a reload of stream_large_transactions applies.
  */

@@ -9,8 +9,10 @@
 # their changes were streamed leave nothing, an aborted streamed
 # transaction leaves nothing, PostgreSQL did stream (not spill), and
 # temp_file_limit (1MB here, the spool takes some 3MB) does not stop the
-# publisher.  Then, with the setting off, a large transaction is spilled
-# by PostgreSQL and published whole after its commit.
+# publisher, the status shows an open streamed transaction's progress.
+# Then, with the setting off, a large transaction is spilled by PostgreSQL
+# and published whole after its commit; and a streamed transaction cut
+# short by a crash leaves neither records nor its file.
 use strict;
 use warnings;
 
@@ -191,6 +193,33 @@ my ($streamed_now, $spilled_now) = split /\|/, $node->safe_psql('postgres',
 	"SELECT stream_txns, spill_txns FROM pg_stat_replication_slots WHERE slot_name LIKE 'kafka_bridge_%'");
 cmp_ok($spilled_now, '>=', 1, "PostgreSQL spilled it ($spilled_now)");
 is($streamed_now, $streamed_before, 'and streamed nothing more');
+
+# 5. a streamed transaction cut short by a crash (its backend killed: the
+#    server restarts): the publisher streams what the WAL holds of it
+#    again, and drops it once the WAL shows it no longer runs
+$node->append_conf('postgresql.conf', "kafka_bridge.stream_large_transactions = on\n");
+$node->restart;
+my $doomed = $node->background_psql('postgres');
+$doomed->query_safe(q{BEGIN});
+$doomed->query_safe(q{INSERT INTO big SELECT g, repeat('d', 200) FROM generate_series(700001, 705000) g});
+ok($node->poll_query_until('postgres', "SELECT ($keeping) ~ '^keeping the records'"),
+	'a transaction is streamed');
+my $doomed_pid = $doomed->query_safe(q{SELECT pg_backend_pid()});
+kill 'KILL', $doomed_pid;
+eval { $doomed->quit };
+ok($node->poll_query_until('postgres',
+		"SELECT state = 'connected' FROM kafka_bridge.status WHERE worker = 'publisher'"),
+	'the publisher runs again after the crash');
+# a checkpoint logs the transactions running (not that one), then a row
+# that shows when decoding is past it
+$node->safe_psql('postgres', q{CHECKPOINT});
+$node->safe_psql('postgres', q{INSERT INTO big VALUES (800000, 'after the crash')});
+@records = kafka_wait_records('regress_streamed', $expected + 1 + 5000 + 1, 120);
+is($json->decode($records[-1]{value})->{row}{id}, 800000, 'the next transaction is published');
+is(scalar(grep { defined $_->{value} && $json->decode($_->{value})->{row}{id} > 700000 && $json->decode($_->{value})->{row}{id} < 800000 } @records),
+	0, 'nothing of the one cut short');
+ok($node->poll_query_until('postgres', "SELECT ($keeping) !~ '^keeping'"),
+	'and the publisher no longer keeps its records');
 
 # the slot moves past everything, and the spool files are gone
 my $end = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
