@@ -1057,9 +1057,10 @@ update_streaming(LogicalDecodingContext *ctx, KbDecodingData *data)
 /*
  * Between two rounds of decoding.  A transaction cut short by a crash ends
  * with no abort record: PostgreSQL forgets it once the WAL shows it no
- * longer runs, and PostgreSQL 15 may do so without calling stream_abort, so
- * a spool whose transaction the reorder buffer no longer knows is dropped
- * here.  Then a reload of stream_large_transactions applies.
+ * longer runs.  15.20 calls stream_abort then (TAP 016 passes without what
+ * follows), older releases of PostgreSQL did not: a spool whose
+ * transaction the reorder buffer no longer knows is dropped here.  Then a
+ * reload of stream_large_transactions applies.
  */
 void
 kb_decoder_next_round(LogicalDecodingContext *ctx)
