@@ -1273,6 +1273,8 @@ kb_applier_loop(int status_slot, const char *dbname)
 		char		waiting[300];
 
 		CHECK_FOR_INTERRUPTS();
+		/* what the last rounds did, for pg_stat_* and autovacuum (at most once a second) */
+		pgstat_report_stat(false);
 		MemoryContextReset(loop_cxt);
 		MemoryContextSwitchTo(loop_cxt);
 

@@ -307,6 +307,8 @@ worker_loop(const char *dbname)
 		KbSnapshotWork snapshot;
 
 		CHECK_FOR_INTERRUPTS();
+		/* what the last rounds did, for pg_stat_* and autovacuum (at most once a second) */
+		pgstat_report_stat(false);
 		MemoryContextReset(loop_cxt);
 		MemoryContextSwitchTo(loop_cxt);
 

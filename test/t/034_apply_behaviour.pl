@@ -48,6 +48,11 @@ my $dump = "SELECT string_agg(t::text, E'\\n' ORDER BY id) FROM regress_bh_types
 ok($b->poll_query_until('postgres', "SELECT count(*) = 2 FROM regress_bh_types"), 'B applied both rows');
 is($b->safe_psql('postgres', $dump), $a->safe_psql('postgres', $dump),
 	'every type arrives on B exactly as it is on A');
+# the applier reports what it wrote to the statistics autovacuum goes by
+# (as any backend does, within a second or so), not only when it exits
+ok($b->poll_query_until('postgres',
+		"SELECT n_tup_ins = 2 FROM pg_stat_user_tables WHERE relname = 'regress_bh_types'"),
+	"B's statistics count the applier's 2 inserts");
 
 # ---- TOAST: an UPDATE that leaves a big column alone ----
 $_->safe_psql('postgres', q{
