@@ -11,6 +11,8 @@
  */
 #include "postgres.h"
 
+#include <signal.h>
+
 #include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -87,4 +89,26 @@ Datum
 kafka_bridge_instance_id(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TEXT_P(cstring_to_text(kb_instance_id()));
+}
+
+/*
+ * Start a thread of the process, named for top -H and perf.  It starts with
+ * every signal blocked: PostgreSQL's signal handlers must only ever run on
+ * the process's own thread.  Such a thread runs no PostgreSQL code (no
+ * palloc, no elog).  Returns pthread_create's result.
+ */
+int
+kb_start_thread(pthread_t *thread, void *(*main) (void *), void *arg, const char *name)
+{
+	sigset_t	all;
+	sigset_t	saved;
+	int			rc;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &saved);
+	rc = pthread_create(thread, NULL, main, arg);
+	pthread_sigmask(SIG_SETMASK, &saved, NULL);
+	if (rc == 0)
+		pthread_setname_np(*thread, name);
+	return rc;
 }

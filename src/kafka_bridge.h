@@ -20,6 +20,8 @@
 #include "nodes/pg_list.h"
 #include "port/atomics.h"
 
+#include <pthread.h>
+
 #include <librdkafka/rdkafka.h>
 
 #define KB_EXTENSION_NAME "kafka_bridge"
@@ -204,6 +206,11 @@ typedef struct KbRecordHeader
 /* a record librdkafka refused; runs on the producing thread */
 typedef void (*KbProduceErrorCallback) (void *opaque, rd_kafka_topic_t *rkt,
 										rd_kafka_resp_err_t err);
+
+/* ---- kafka_bridge.c ---- */
+
+extern int	kb_start_thread(pthread_t *thread, void *(*main) (void *), void *arg,
+							const char *name);
 
 extern KbProducerThread *kb_producer_thread_start(KbKafkaClient *client,
 												  KbProduceErrorCallback on_error);

@@ -284,8 +284,6 @@ KbProducerThread *
 kb_producer_thread_start(KbKafkaClient *client, KbProduceErrorCallback on_error)
 {
 	KbProducerThread *pt = MemoryContextAllocZero(TopMemoryContext, sizeof(KbProducerThread));
-	sigset_t	all;
-	sigset_t	saved;
 	int			rc;
 
 	pt->client = client;
@@ -300,14 +298,8 @@ kb_producer_thread_start(KbKafkaClient *client, KbProduceErrorCallback on_error)
 	pg_atomic_init_u32(&pt->room_wanted, 0);
 	pg_atomic_init_u32(&pt->queue_full, 0);
 
-	/* PostgreSQL's signal handlers must only ever run on the worker's thread */
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &saved);
-	rc = pthread_create(&pt->thread, NULL, thread_main, pt);
-	pthread_sigmask(SIG_SETMASK, &saved, NULL);
-	if (rc == 0)
-		pthread_setname_np(pt->thread, "kb:producer");	/* for top -H, perf */
-	else
+	rc = kb_start_thread(&pt->thread, thread_main, pt, "kb:producer");
+	if (rc != 0)
 	{
 		rd_kafka_queue_destroy(pt->mainq);
 		pfree(pt->ring);

@@ -10,7 +10,7 @@
  * change into its record at once and appends the record here; the commit
  * replays the records to Kafka, an abort drops them.  Nothing reaches Kafka
  * before the commit, and the worker's memory stays bounded by
- * logical_decoding_work_mem and a file buffer.
+ * logical_decoding_work_mem and the spool's buffers.
  *
  * A record is opaque here: bytes the decoder wrote, with the LSN of the
  * change it came from.  A subtransaction rolled back after some of its
@@ -21,59 +21,347 @@
  * of records of one subtransaction, and every record whose subtransaction
  * is not known (a logical message's: PostgreSQL does not say which).
  *
- * The file is a temporary file that survives transaction ends (decoding
- * runs each stream in a transaction of its own) and is removed when the
- * spool is closed or, at the latest, when the process exits.
+ * Writing.  Records are copied into buffers of SPOOL_BUFFER_SIZE bytes, and
+ * a full buffer is written to the file by the spool writer, a thread of
+ * the process, while decoding goes on into the next buffer.  While a large
+ * transaction streams, nothing else is for the producing side to do, and
+ * copying the bytes into the kernel's page cache took a third of the
+ * decoding thread's time when it wrote them itself (bench/publish,
+ * one_txn).  The writer takes buffers in the order they come, so a cut
+ * that goes back over bytes already handed to it needs no waiting: the
+ * bytes written after the cut overwrite the cut ones, later.  The writer
+ * runs no PostgreSQL code: pwrite, and a mutex and condition variables
+ * shared with the decoding thread; an error it meets is raised by the
+ * decoding thread at its next look.  Replay first waits until every buffer
+ * is written, then reads the file in buffer-sized pieces.
+ *
+ * The file.  It is made in a temporary tablespace as PostgreSQL's own
+ * temporary files are (temp_tablespaces, else the database's pgsql_tmp),
+ * and unlinked at once: it goes with its descriptor, whatever ends the
+ * process.  So no directory listing shows it, and temp_file_limit does not
+ * count it, as it does not count PostgreSQL's own spill files; closing it
+ * reports its size to pg_stat_database.temp_bytes and, over
+ * log_temp_files, to the log.  A spool lives in a memory context of its
+ * own, and whatever deletes that context (kb_spool_close, or an error that
+ * resets its parent) waits for the writer and closes the file.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include "access/transam.h"
-#include "storage/buffile.h"
-#include "utils/memutils.h"
-#include "utils/resowner.h"
+#include <fcntl.h>
+#include <pthread.h>
+#include <unistd.h>
 
+#include "access/transam.h"
+#include "catalog/pg_tablespace.h"
+#include "commands/tablespace.h"
+#include "common/file_perm.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/fd.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+
+#include "kafka_bridge.h"
 #include "spool.h"
+
+#define SPOOL_BUFFER_SIZE	(1024 * 1024)
+#define SPOOL_BUFFERS		4
 
 /* Where a record starts, to cut the spool there. */
 typedef struct SpoolMark
 {
 	XLogRecPtr	lsn;
 	uint64		index;			/* the record's number, from 0 */
-	int			fileno;
-	off_t		offset;
+	uint64		offset;			/* in the file */
 } SpoolMark;
+
+/* A buffer of the spool; busy while queued for the writer or written. */
+typedef struct SpoolBuffer
+{
+	struct SpoolBuffer *next;	/* in the writer's queue */
+	KbSpool    *spool;
+	char	   *data;
+	size_t		len;
+	uint64		offset;			/* of data[0] in the file */
+	bool		busy;			/* under writer.lock */
+} SpoolBuffer;
 
 struct KbSpool
 {
-	BufFile    *file;
+	MemoryContext cxt;			/* the spool's own */
+	int			fd;				/* -1 once closed */
+	char		path[MAXPGPATH];	/* the name it was made under */
 	uint64		nrecords;
 	TransactionId last_xid;		/* of the last record appended */
 	SpoolMark  *marks;
 	int			nmarks;
 	int			maxmarks;
+	SpoolBuffer buffers[SPOOL_BUFFERS];
+	int			current;		/* the buffer being filled */
+	uint64		size;			/* bytes appended (to the file or current) */
+	int			write_errno;	/* under writer.lock: the writer's error */
 	/* replay */
-	uint64		read;
+	uint64		read;			/* records read */
+	uint64		read_offset;	/* of the next byte to load from the file */
+	size_t		read_pos;		/* in the current buffer */
 };
+
+/* The spool writer: one thread for every spool of the process. */
+static struct
+{
+	bool		started;
+	pthread_t	thread;
+	pthread_mutex_t lock;
+	pthread_cond_t queued;		/* the writer waits for a buffer */
+	pthread_cond_t written;		/* the decoding thread waits for one */
+	SpoolBuffer *head;
+	SpoolBuffer *tail;
+} writer = {.lock = PTHREAD_MUTEX_INITIALIZER,
+	.queued = PTHREAD_COND_INITIALIZER,
+.written = PTHREAD_COND_INITIALIZER};
+
+static void *
+writer_main(void *arg)
+{
+	pthread_mutex_lock(&writer.lock);
+	for (;;)
+	{
+		SpoolBuffer *b;
+		size_t		done = 0;
+		int			err = 0;
+
+		while (writer.head == NULL)
+			pthread_cond_wait(&writer.queued, &writer.lock);
+		b = writer.head;
+		writer.head = b->next;
+		if (writer.head == NULL)
+			writer.tail = NULL;
+		pthread_mutex_unlock(&writer.lock);
+
+		while (done < b->len)
+		{
+			ssize_t		n = pwrite(b->spool->fd, b->data + done, b->len - done,
+								   (off_t) (b->offset + done));
+
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0)
+			{
+				err = n < 0 ? errno : ENOSPC;
+				break;
+			}
+			done += n;
+		}
+
+		pthread_mutex_lock(&writer.lock);
+		if (err != 0 && b->spool->write_errno == 0)
+			b->spool->write_errno = err;
+		b->busy = false;
+		pthread_cond_broadcast(&writer.written);
+	}
+	return NULL;
+}
+
+/* Start the writer if it does not run yet. */
+static void
+start_writer(void)
+{
+	int			rc;
+
+	if (writer.started)
+		return;
+	rc = kb_start_thread(&writer.thread, writer_main, NULL, "kb:spool");
+	if (rc != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+				 errmsg("could not start the thread that writes the spool of a streamed transaction: %s",
+						strerror(rc))));
+	writer.started = true;
+}
+
+/* Raise the error the writer met, if any; call with writer.lock held. */
+static void
+check_written(KbSpool *spool)
+{
+	int			err = spool->write_errno;
+
+	if (err == 0)
+		return;
+	pthread_mutex_unlock(&writer.lock);
+	errno = err;
+	ereport(ERROR,
+			(errcode_for_file_access(),
+			 errmsg("could not write to the spool of a streamed transaction, file \"%s\": %m",
+					spool->path)));
+}
+
+/* Wait until buffer b is free; call with writer.lock held. */
+static void
+wait_free(KbSpool *spool, SpoolBuffer *b)
+{
+	while (b->busy)
+		pthread_cond_wait(&writer.written, &writer.lock);
+}
+
+/* Wait until every buffer of spool is written. */
+static void
+wait_all_written(KbSpool *spool, bool check)
+{
+	pthread_mutex_lock(&writer.lock);
+	for (int i = 0; i < SPOOL_BUFFERS; i++)
+		wait_free(spool, &spool->buffers[i]);
+	if (check)
+		check_written(spool);
+	pthread_mutex_unlock(&writer.lock);
+}
+
+/* Hand the current buffer to the writer, and make the next one current. */
+static void
+hand_over(KbSpool *spool)
+{
+	SpoolBuffer *b = &spool->buffers[spool->current];
+	SpoolBuffer *next;
+
+	pthread_mutex_lock(&writer.lock);
+	b->busy = true;
+	b->next = NULL;
+	if (writer.tail)
+		writer.tail->next = b;
+	else
+		writer.head = b;
+	writer.tail = b;
+	pthread_cond_signal(&writer.queued);
+
+	spool->current = (spool->current + 1) % SPOOL_BUFFERS;
+	next = &spool->buffers[spool->current];
+	wait_free(spool, next);
+	check_written(spool);
+	pthread_mutex_unlock(&writer.lock);
+
+	if (next->data == NULL)
+		next->data = MemoryContextAlloc(spool->cxt, SPOOL_BUFFER_SIZE);
+	next->offset = spool->size;
+	next->len = 0;
+}
+
+static void
+append_bytes(KbSpool *spool, const char *bytes, size_t len)
+{
+	while (len > 0)
+	{
+		SpoolBuffer *b = &spool->buffers[spool->current];
+		size_t		n = Min(len, SPOOL_BUFFER_SIZE - b->len);
+
+		memcpy(b->data + b->len, bytes, n);
+		b->len += n;
+		spool->size += n;
+		bytes += n;
+		len -= n;
+		if (b->len == SPOOL_BUFFER_SIZE)
+			hand_over(spool);
+	}
+}
+
+/*
+ * The spool's memory context goes: wait for the writer to be done with its
+ * buffers, then close the file.
+ */
+static void
+spool_release(void *arg)
+{
+	KbSpool    *spool = arg;
+
+	if (spool->fd < 0)
+		return;
+	wait_all_written(spool, false);
+	close(spool->fd);
+	ReleaseExternalFD();
+	spool->fd = -1;
+	pgstat_report_tempfile(spool->size);
+	if (log_temp_files >= 0 && spool->size / 1024 >= log_temp_files)
+		ereport(LOG,
+				(errmsg("temporary file: path \"%s\", size " UINT64_FORMAT,
+						spool->path, spool->size)));
+}
+
+/* Make the spool's file, unlinked at once. */
+static void
+open_file(KbSpool *spool)
+{
+	static uint32 counter = 0;
+	char		dir[MAXPGPATH];
+	Oid			tablespace;
+
+	PrepareTempTablespaces();
+	tablespace = GetNextTempTableSpace();
+	if (!OidIsValid(tablespace))
+		tablespace = MyDatabaseTableSpace ? MyDatabaseTableSpace : DEFAULTTABLESPACE_OID;
+	TempTablespacePath(dir, tablespace);
+	snprintf(spool->path, sizeof(spool->path), "%s/%s%d.kb_spool.%u",
+			 dir, PG_TEMP_FILE_PREFIX, MyProcPid, counter++);
+
+	if (!AcquireExternalFD())
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+				 errmsg("could not make the spool of a streamed transaction: too many open files"),
+				 errhint("Raise max_files_per_process.")));
+	spool->fd = open(spool->path, O_RDWR | O_CREAT | O_EXCL | PG_BINARY, pg_file_create_mode);
+	if (spool->fd < 0 && errno == ENOENT)
+	{
+		/* the directory is made when first needed, as PostgreSQL does */
+		(void) MakePGDirectory(dir);
+		spool->fd = open(spool->path, O_RDWR | O_CREAT | O_EXCL | PG_BINARY, pg_file_create_mode);
+	}
+	if (spool->fd < 0)
+	{
+		int			save_errno = errno;
+
+		ReleaseExternalFD();
+		errno = save_errno;
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not make the spool of a streamed transaction, file \"%s\": %m",
+						spool->path)));
+	}
+	if (unlink(spool->path) != 0)
+		ereport(WARNING,
+				(errcode_for_file_access(),
+				 errmsg("could not unlink the spool file \"%s\": %m", spool->path)));
+}
 
 KbSpool *
 kb_spool_create(MemoryContext cxt)
 {
-	KbSpool    *spool = MemoryContextAllocZero(cxt, sizeof(KbSpool));
-	MemoryContext old = MemoryContextSwitchTo(cxt);
-	ResourceOwner owner = CurrentResourceOwner;
+	MemoryContext spool_cxt = AllocSetContextCreate(cxt, "kafka_bridge spool",
+													ALLOCSET_SMALL_SIZES);
+	KbSpool    *spool = MemoryContextAllocZero(spool_cxt, sizeof(KbSpool));
+	MemoryContextCallback *cb = MemoryContextAlloc(spool_cxt, sizeof(MemoryContextCallback));
 
-	/*
-	 * No resource owner: the file outlives the transaction decoding runs
-	 * this stream in, and BufFile would use that owner for later segments.
-	 */
-	CurrentResourceOwner = NULL;
-	spool->file = BufFileCreateTemp(true);
-	CurrentResourceOwner = owner;
+	spool->cxt = spool_cxt;
+	spool->fd = -1;
 	spool->maxmarks = 16;
-	spool->marks = palloc(sizeof(SpoolMark) * spool->maxmarks);
+	spool->marks = MemoryContextAlloc(spool_cxt, sizeof(SpoolMark) * spool->maxmarks);
 	spool->last_xid = InvalidTransactionId;
-	MemoryContextSwitchTo(old);
+	for (int i = 0; i < SPOOL_BUFFERS; i++)
+		spool->buffers[i].spool = spool;
+	spool->buffers[0].data = MemoryContextAlloc(spool_cxt, SPOOL_BUFFER_SIZE);
+
+	PG_TRY();
+	{
+		start_writer();
+		open_file(spool);
+	}
+	PG_CATCH();
+	{
+		MemoryContextDelete(spool_cxt);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	cb->func = spool_release;
+	cb->arg = spool;
+	MemoryContextRegisterResetCallback(spool_cxt, cb);
 	return spool;
 }
 
@@ -97,11 +385,11 @@ kb_spool_append(KbSpool *spool, XLogRecPtr lsn, TransactionId xid,
 		mark = &spool->marks[spool->nmarks++];
 		mark->lsn = lsn;
 		mark->index = spool->nrecords;
-		BufFileTell(spool->file, &mark->fileno, &mark->offset);
+		mark->offset = spool->size;
 	}
 	spool->last_xid = xid;
-	BufFileWrite(spool->file, &len, sizeof(len));
-	BufFileWrite(spool->file, (void *) record, len);
+	append_bytes(spool, (const char *) &len, sizeof(len));
+	append_bytes(spool, record, len);
 	spool->nrecords++;
 }
 
@@ -112,6 +400,7 @@ kb_spool_append(KbSpool *spool, XLogRecPtr lsn, TransactionId xid,
 void
 kb_spool_cut(KbSpool *spool, XLogRecPtr lsn)
 {
+	SpoolBuffer *b = &spool->buffers[spool->current];
 	int			i;
 
 	for (i = 0; i < spool->nmarks; i++)
@@ -119,11 +408,20 @@ kb_spool_cut(KbSpool *spool, XLogRecPtr lsn)
 			break;
 	if (i == spool->nmarks)
 		return;
-	if (BufFileSeek(spool->file, spool->marks[i].fileno, spool->marks[i].offset,
-					SEEK_SET) != 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not seek in the spool of a streamed transaction: %m")));
+
+	/*
+	 * Within the current buffer, the cut shortens it; before it, the
+	 * buffer starts again at the cut, and the bytes it takes will be
+	 * written over the cut ones after them (the writer keeps the order).
+	 */
+	if (spool->marks[i].offset >= b->offset)
+		b->len = spool->marks[i].offset - b->offset;
+	else
+	{
+		b->offset = spool->marks[i].offset;
+		b->len = 0;
+	}
+	spool->size = spool->marks[i].offset;
 	spool->nrecords = spool->marks[i].index;
 	spool->nmarks = i;
 	spool->last_xid = InvalidTransactionId;
@@ -139,11 +437,57 @@ kb_spool_records(KbSpool *spool)
 void
 kb_spool_rewind(KbSpool *spool)
 {
-	if (BufFileSeek(spool->file, 0, 0, SEEK_SET) != 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not seek in the spool of a streamed transaction: %m")));
+	SpoolBuffer *b = &spool->buffers[spool->current];
+
+	/* what the current buffer holds goes to the file too */
+	if (b->len > 0)
+		hand_over(spool);
+	wait_all_written(spool, true);
+	b = &spool->buffers[spool->current];
+	b->len = 0;
+	spool->read_offset = 0;
+	spool->read_pos = 0;
 	spool->read = 0;
+}
+
+/* Copy the next len bytes of the file to dst. */
+static void
+read_bytes(KbSpool *spool, char *dst, size_t len)
+{
+	SpoolBuffer *b = &spool->buffers[spool->current];
+
+	while (len > 0)
+	{
+		size_t		n;
+
+		if (spool->read_pos == b->len)
+		{
+			ssize_t		got;
+
+			n = Min(SPOOL_BUFFER_SIZE, spool->size - spool->read_offset);
+			if (n == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("could not read record " UINT64_FORMAT " of " UINT64_FORMAT " from the spool of a streamed transaction: the file ends",
+								spool->read + 1, spool->nrecords)));
+			do
+				got = pread(spool->fd, b->data, n, (off_t) spool->read_offset);
+			while (got < 0 && errno == EINTR);
+			if (got <= 0)
+				ereport(ERROR,
+						(errcode_for_file_access(),
+						 errmsg("could not read from the spool of a streamed transaction, file \"%s\": %m",
+								spool->path)));
+			b->len = got;
+			spool->read_offset += got;
+			spool->read_pos = 0;
+		}
+		n = Min(len, b->len - spool->read_pos);
+		memcpy(dst, b->data + spool->read_pos, n);
+		spool->read_pos += n;
+		dst += n;
+		len -= n;
+	}
 }
 
 /* The next record in buf; false after the last. */
@@ -154,31 +498,19 @@ kb_spool_next(KbSpool *spool, StringInfo buf)
 
 	if (spool->read >= spool->nrecords)
 		return false;
-	if (BufFileRead(spool->file, &len, sizeof(len)) != sizeof(len))
-		goto short_read;
+	read_bytes(spool, (char *) &len, sizeof(len));
 	resetStringInfo(buf);
 	enlargeStringInfo(buf, len);
-	if (BufFileRead(spool->file, buf->data, len) != len)
-		goto short_read;
+	read_bytes(spool, buf->data, len);
 	buf->len = len;
 	buf->data[len] = '\0';
 	buf->cursor = 0;
 	spool->read++;
 	return true;
-
-short_read:
-	ereport(ERROR,
-			(errcode_for_file_access(),
-			 errmsg("could not read record %llu of %llu from the spool of a streamed transaction",
-					(unsigned long long) spool->read + 1,
-					(unsigned long long) spool->nrecords)));
-	return false;				/* keep the compiler quiet */
 }
 
 void
 kb_spool_close(KbSpool *spool)
 {
-	BufFileClose(spool->file);
-	pfree(spool->marks);
-	pfree(spool);
+	MemoryContextDelete(spool->cxt);
 }

@@ -291,15 +291,6 @@ worker_loop(const char *dbname)
 	w.dbname = dbname;
 	w.client_id = psprintf("kafka_bridge-%s-%s", kb_instance_id(), dbname);
 
-	/*
-	 * A streamed transaction's spool (src/spool.c) is a temporary file,
-	 * which temp_file_limit would cap: a transaction larger than the limit
-	 * would then fail the publisher at every restart, and nothing after it
-	 * would be published again.  PostgreSQL does not cap the files it
-	 * spills a transaction to either.
-	 */
-	SetConfigOption("temp_file_limit", "-1", PGC_SUSET, PGC_S_OVERRIDE);
-
 	for (;;)
 	{
 		TimestampTz now;

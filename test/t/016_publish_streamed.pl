@@ -149,15 +149,27 @@ my $open = $node->background_psql('postgres');
 $open->query_safe(q{BEGIN});
 $open->query_safe(q{INSERT INTO big SELECT g, repeat('o', 200) FROM generate_series(600001, 605000) g});
 my $keeping = q{SELECT activity FROM kafka_bridge.status WHERE worker = 'publisher'};
+# the spool files the publisher holds open (unlinked as soon as made)
+sub spool_files
+{
+	my $pid = $node->safe_psql('postgres',
+		"SELECT pid FROM kafka_bridge.status WHERE worker = 'publisher'");
+	return grep { /kb_spool/ } map { readlink($_) // '' } glob("/proc/$pid/fd/*");
+}
 ok($node->poll_query_until('postgres',
 		"SELECT ($keeping) ~ '^keeping the records of transaction [0-9]+ until its end: [1-9][0-9]* so far\$'"),
 	'the status shows the open transaction\'s records kept so far');
 sleep 3;
 like($node->safe_psql('postgres', $keeping), qr/^keeping the records of transaction/,
 	'and still does after three broker checks');
+my @open_spools = spool_files();
+is(scalar(@open_spools), 1, 'the publisher holds its spool open');
+like($open_spools[0] // '', qr{/pgsql_tmp/pgsql_tmp\d+\.kb_spool\.\d+ \(deleted\)$},
+	'a file of pgsql_tmp, unlinked once made');
 $open->query_safe(q{ROLLBACK});
 ok($node->poll_query_until('postgres', "SELECT ($keeping) !~ '^keeping'"),
 	'the rollback ends it');
+is(scalar(spool_files()), 0, 'and closes its spool');
 like($node->safe_psql('postgres', $keeping), qr/^connected to Kafka brokers /,
 	'and the status shows the brokers again');
 $open->quit;
@@ -229,6 +241,7 @@ ok($node->poll_query_until('postgres',
 my $tmp = $node->data_dir . '/base/pgsql_tmp';
 my @left = -d $tmp ? glob("$tmp/*") : ();
 is(scalar(@left), 0, 'no spool file is left behind');
+is(scalar(spool_files()), 0, 'and the publisher holds none open');
 
 $node->stop;
 done_testing();
