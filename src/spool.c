@@ -70,6 +70,7 @@
 
 #define SPOOL_BUFFER_SIZE	(1024 * 1024)
 #define SPOOL_BUFFERS		4
+#define SPOOL_OPEN_FLAGS	(O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | PG_BINARY)
 
 /* Where a record starts, to cut the spool there. */
 typedef struct SpoolMark
@@ -103,8 +104,10 @@ struct KbSpool
 	SpoolBuffer buffers[SPOOL_BUFFERS];
 	int			current;		/* the buffer being filled */
 	uint64		size;			/* bytes appended (to the file or current) */
+	uint64		file_size;		/* the most ever appended: the file's size */
 	int			write_errno;	/* under writer.lock: the writer's error */
-	/* replay */
+	/* replay (no record may be appended after kb_spool_rewind) */
+	bool		replaying;
 	uint64		read;			/* records read */
 	uint64		read_offset;	/* of the next byte to load from the file */
 	size_t		read_pos;		/* in the current buffer */
@@ -239,13 +242,10 @@ hand_over(KbSpool *spool)
 	spool->current = (spool->current + 1) % SPOOL_BUFFERS;
 	next = &spool->buffers[spool->current];
 	wait_free(spool, next);
-	check_written(spool);
-	pthread_mutex_unlock(&writer.lock);
-
-	if (next->data == NULL)
-		next->data = MemoryContextAlloc(spool->cxt, SPOOL_BUFFER_SIZE);
 	next->offset = spool->size;
 	next->len = 0;
+	check_written(spool);
+	pthread_mutex_unlock(&writer.lock);
 }
 
 static void
@@ -259,6 +259,7 @@ append_bytes(KbSpool *spool, const char *bytes, size_t len)
 		memcpy(b->data + b->len, bytes, n);
 		b->len += n;
 		spool->size += n;
+		spool->file_size = Max(spool->file_size, spool->size);
 		bytes += n;
 		len -= n;
 		if (b->len == SPOOL_BUFFER_SIZE)
@@ -281,11 +282,11 @@ spool_release(void *arg)
 	close(spool->fd);
 	ReleaseExternalFD();
 	spool->fd = -1;
-	pgstat_report_tempfile(spool->size);
-	if (log_temp_files >= 0 && spool->size / 1024 >= log_temp_files)
+	pgstat_report_tempfile(spool->file_size);
+	if (log_temp_files >= 0 && spool->file_size / 1024 >= log_temp_files)
 		ereport(LOG,
-				(errmsg("temporary file: path \"%s\", size " UINT64_FORMAT,
-						spool->path, spool->size)));
+				(errmsg("temporary file: path \"%s\", size %llu",
+						spool->path, (unsigned long long) spool->file_size)));
 }
 
 /* Make the spool's file, unlinked at once. */
@@ -309,12 +310,12 @@ open_file(KbSpool *spool)
 				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
 				 errmsg("could not make the spool of a streamed transaction: too many open files"),
 				 errhint("Raise max_files_per_process.")));
-	spool->fd = open(spool->path, O_RDWR | O_CREAT | O_EXCL | PG_BINARY, pg_file_create_mode);
+	spool->fd = BasicOpenFilePerm(spool->path, SPOOL_OPEN_FLAGS, pg_file_create_mode);
 	if (spool->fd < 0 && errno == ENOENT)
 	{
 		/* the directory is made when first needed, as PostgreSQL does */
 		(void) MakePGDirectory(dir);
-		spool->fd = open(spool->path, O_RDWR | O_CREAT | O_EXCL | PG_BINARY, pg_file_create_mode);
+		spool->fd = BasicOpenFilePerm(spool->path, SPOOL_OPEN_FLAGS, pg_file_create_mode);
 	}
 	if (spool->fd < 0)
 	{
@@ -330,7 +331,8 @@ open_file(KbSpool *spool)
 	if (unlink(spool->path) != 0)
 		ereport(WARNING,
 				(errcode_for_file_access(),
-				 errmsg("could not unlink the spool file \"%s\": %m", spool->path)));
+				 errmsg("could not unlink the spool file \"%s\": %m", spool->path),
+				 errdetail("The file stays until the server restarts.")));
 }
 
 KbSpool *
@@ -347,8 +349,13 @@ kb_spool_create(MemoryContext cxt)
 	spool->marks = MemoryContextAlloc(spool_cxt, sizeof(SpoolMark) * spool->maxmarks);
 	spool->last_xid = InvalidTransactionId;
 	for (int i = 0; i < SPOOL_BUFFERS; i++)
+	{
 		spool->buffers[i].spool = spool;
-	spool->buffers[0].data = MemoryContextAlloc(spool_cxt, SPOOL_BUFFER_SIZE);
+		spool->buffers[i].data = MemoryContextAlloc(spool_cxt, SPOOL_BUFFER_SIZE);
+	}
+	cb->func = spool_release;
+	cb->arg = spool;
+	MemoryContextRegisterResetCallback(spool_cxt, cb);
 
 	PG_TRY();
 	{
@@ -361,10 +368,6 @@ kb_spool_create(MemoryContext cxt)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-
-	cb->func = spool_release;
-	cb->arg = spool;
-	MemoryContextRegisterResetCallback(spool_cxt, cb);
 	return spool;
 }
 
@@ -376,6 +379,7 @@ void
 kb_spool_append(KbSpool *spool, XLogRecPtr lsn, TransactionId xid,
 				const void *record, uint32 len)
 {
+	Assert(!spool->replaying);
 	if (spool->nrecords == 0 || xid != spool->last_xid || !TransactionIdIsValid(xid))
 	{
 		SpoolMark  *mark;
@@ -383,7 +387,7 @@ kb_spool_append(KbSpool *spool, XLogRecPtr lsn, TransactionId xid,
 		if (spool->nmarks == spool->maxmarks)
 		{
 			spool->maxmarks *= 2;
-			spool->marks = repalloc(spool->marks, sizeof(SpoolMark) * spool->maxmarks);
+			spool->marks = repalloc_huge(spool->marks, sizeof(SpoolMark) * spool->maxmarks);
 		}
 		mark = &spool->marks[spool->nmarks++];
 		mark->lsn = lsn;
@@ -404,11 +408,21 @@ void
 kb_spool_cut(KbSpool *spool, XLogRecPtr lsn)
 {
 	SpoolBuffer *b = &spool->buffers[spool->current];
+	int			lo = 0;
+	int			hi = spool->nmarks;
 	int			i;
 
-	for (i = 0; i < spool->nmarks; i++)
-		if (spool->marks[i].lsn >= lsn)
-			break;
+	/* the first mark at lsn or after (marks go by LSN) */
+	while (lo < hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+
+		if (spool->marks[mid].lsn < lsn)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	i = lo;
 	if (i == spool->nmarks)
 		return;
 
@@ -442,9 +456,10 @@ kb_spool_rewind(KbSpool *spool)
 {
 	SpoolBuffer *b = &spool->buffers[spool->current];
 
-	/* what the current buffer holds goes to the file too */
-	if (b->len > 0)
+	/* what the current buffer holds goes to the file too (once) */
+	if (b->len > 0 && !spool->replaying)
 		hand_over(spool);
+	spool->replaying = true;
 	wait_all_written(spool, true);
 	b = &spool->buffers[spool->current];
 	b->len = 0;
@@ -471,12 +486,19 @@ read_bytes(KbSpool *spool, char *dst, size_t len)
 			if (n == 0)
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
-						 errmsg("could not read record " UINT64_FORMAT " of " UINT64_FORMAT " from the spool of a streamed transaction: the file ends",
-								spool->read + 1, spool->nrecords)));
+						 errmsg("could not read record %llu of %llu from the spool of a streamed transaction: the file ends",
+								(unsigned long long) spool->read + 1,
+								(unsigned long long) spool->nrecords)));
 			do
 				got = pread(spool->fd, b->data, n, (off_t) spool->read_offset);
 			while (got < 0 && errno == EINTR);
-			if (got <= 0)
+			if (got == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("could not read from the spool of a streamed transaction, file \"%s\": it ends at %llu bytes, before %llu",
+								spool->path, (unsigned long long) spool->read_offset,
+								(unsigned long long) spool->size)));
+			if (got < 0)
 				ereport(ERROR,
 						(errcode_for_file_access(),
 						 errmsg("could not read from the spool of a streamed transaction, file \"%s\": %m",

@@ -216,7 +216,11 @@ $doomed->query_safe(q{BEGIN});
 $doomed->query_safe(q{INSERT INTO big SELECT g, repeat('d', 200) FROM generate_series(700001, 705000) g});
 ok($node->poll_query_until('postgres', "SELECT ($keeping) ~ '^keeping the records'"),
 	'a transaction is streamed');
-my $doomed_pid = $doomed->query_safe(q{SELECT pg_backend_pid()});
+# its pid, from another session (a pid read back empty would make kill
+# signal this script's own process group)
+my $doomed_pid = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' AND backend_type = 'client backend'");
+die "no pid for the open transaction: '$doomed_pid'" unless $doomed_pid =~ /^\d+$/;
 kill 'KILL', $doomed_pid;
 eval { $doomed->quit };
 ok($node->poll_query_until('postgres',
