@@ -34,7 +34,6 @@
 #include "postgres.h"
 
 #include <pthread.h>
-#include <signal.h>
 
 #include "port/atomics.h"
 #include "utils/memutils.h"

@@ -123,9 +123,12 @@ static struct
 	pthread_cond_t written;		/* the decoding thread waits for one */
 	SpoolBuffer *head;
 	SpoolBuffer *tail;
-} writer = {.lock = PTHREAD_MUTEX_INITIALIZER,
+}			writer =
+{
+	.lock = PTHREAD_MUTEX_INITIALIZER,
 	.queued = PTHREAD_COND_INITIALIZER,
-.written = PTHREAD_COND_INITIALIZER};
+	.written = PTHREAD_COND_INITIALIZER,
+};
 
 static void *
 writer_main(void *arg)
@@ -199,12 +202,13 @@ check_written(KbSpool *spool)
 	ereport(ERROR,
 			(errcode_for_file_access(),
 			 errmsg("could not write to the spool of a streamed transaction, file \"%s\": %m",
-					spool->path)));
+					spool->path),
+			 errhint("The publisher starts again and decodes the transaction again: make room where the file is, or name another tablespace in temp_tablespaces.")));
 }
 
 /* Wait until buffer b is free; call with writer.lock held. */
 static void
-wait_free(KbSpool *spool, SpoolBuffer *b)
+wait_free(SpoolBuffer *b)
 {
 	while (b->busy)
 		pthread_cond_wait(&writer.written, &writer.lock);
@@ -216,7 +220,7 @@ wait_all_written(KbSpool *spool, bool check)
 {
 	pthread_mutex_lock(&writer.lock);
 	for (int i = 0; i < SPOOL_BUFFERS; i++)
-		wait_free(spool, &spool->buffers[i]);
+		wait_free(&spool->buffers[i]);
 	if (check)
 		check_written(spool);
 	pthread_mutex_unlock(&writer.lock);
@@ -241,7 +245,7 @@ hand_over(KbSpool *spool)
 
 	spool->current = (spool->current + 1) % SPOOL_BUFFERS;
 	next = &spool->buffers[spool->current];
-	wait_free(spool, next);
+	wait_free(next);
 	next->offset = spool->size;
 	next->len = 0;
 	check_written(spool);
@@ -289,34 +293,54 @@ spool_release(void *arg)
 						spool->path, (unsigned long long) spool->file_size)));
 }
 
-/* Make the spool's file, unlinked at once. */
+/*
+ * Open the spool's file in a tablespace's pgsql_tmp, made when first
+ * needed as PostgreSQL does; -1 with errno set when it cannot be.
+ */
+static int
+open_in_tablespace(KbSpool *spool, Oid tablespace, uint32 number)
+{
+	char		dir[MAXPGPATH];
+	int			fd;
+
+	TempTablespacePath(dir, tablespace);
+	snprintf(spool->path, sizeof(spool->path), "%s/%s%d.kb_spool.%u",
+			 dir, PG_TEMP_FILE_PREFIX, MyProcPid, number);
+	fd = BasicOpenFilePerm(spool->path, SPOOL_OPEN_FLAGS, pg_file_create_mode);
+	if (fd < 0 && errno == ENOENT)
+	{
+		(void) MakePGDirectory(dir);
+		fd = BasicOpenFilePerm(spool->path, SPOOL_OPEN_FLAGS, pg_file_create_mode);
+	}
+	return fd;
+}
+
+/*
+ * Make the spool's file, unlinked at once: in the next of temp_tablespaces,
+ * else, or when that one cannot be used (as OpenTemporaryFile does), in
+ * the database's own tablespace.
+ */
 static void
 open_file(KbSpool *spool)
 {
 	static uint32 counter = 0;
-	char		dir[MAXPGPATH];
+	uint32		number = counter++;
 	Oid			tablespace;
-
-	PrepareTempTablespaces();
-	tablespace = GetNextTempTableSpace();
-	if (!OidIsValid(tablespace))
-		tablespace = MyDatabaseTableSpace ? MyDatabaseTableSpace : DEFAULTTABLESPACE_OID;
-	TempTablespacePath(dir, tablespace);
-	snprintf(spool->path, sizeof(spool->path), "%s/%s%d.kb_spool.%u",
-			 dir, PG_TEMP_FILE_PREFIX, MyProcPid, counter++);
+	Oid			fallback = MyDatabaseTableSpace ? MyDatabaseTableSpace : DEFAULTTABLESPACE_OID;
 
 	if (!AcquireExternalFD())
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
 				 errmsg("could not make the spool of a streamed transaction: too many open files"),
 				 errhint("Raise max_files_per_process.")));
-	spool->fd = BasicOpenFilePerm(spool->path, SPOOL_OPEN_FLAGS, pg_file_create_mode);
-	if (spool->fd < 0 && errno == ENOENT)
-	{
-		/* the directory is made when first needed, as PostgreSQL does */
-		(void) MakePGDirectory(dir);
-		spool->fd = BasicOpenFilePerm(spool->path, SPOOL_OPEN_FLAGS, pg_file_create_mode);
-	}
+
+	PrepareTempTablespaces();
+	tablespace = GetNextTempTableSpace();
+	spool->fd = -1;
+	if (OidIsValid(tablespace) && tablespace != fallback)
+		spool->fd = open_in_tablespace(spool, tablespace, number);
+	if (spool->fd < 0)
+		spool->fd = open_in_tablespace(spool, fallback, number);
 	if (spool->fd < 0)
 	{
 		int			save_errno = errno;

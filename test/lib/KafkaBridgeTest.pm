@@ -11,7 +11,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use JSON::PP;
-use Time::HiRes qw(usleep);
+use Time::HiRes qw(usleep time);
 
 our @EXPORT = qw(kb_node kafka_bootstrap kafka_port kafka_stop kafka_start
   kb_wait_state kb_status kafka_records kafka_wait_records kb_wait_slot);
@@ -130,10 +130,13 @@ sub kafka_wait_records
 	my ($topic, $count, $timeout) = @_;
 	$timeout //= 120;
 	my @records;
-	for (my $waited = 0; $waited < $timeout * 10; $waited++)
+	# by the clock: reading a topic with kcat takes a good part of a second
+	my $deadline = time() + $timeout;
+	while (1)
 	{
 		@records = kafka_records($topic);
 		return @records if @records >= $count;
+		last if time() >= $deadline;
 		usleep(100_000);
 	}
 	diag("topic $topic holds " . scalar(@records) . " records, expected $count");
@@ -277,11 +280,13 @@ sub kb_converge
 {
 	my ($x, $y, $table, $what) = @_;
 	my ($mx, $my) = ('', '');
-	for (my $i = 0; $i < 1200; $i++)
+	my $deadline = time() + 120;
+	while (1)
 	{
 		$mx = kb_md5($x, $table);
 		$my = kb_md5($y, $table);
 		return ok(1, $what) if $mx eq $my;
+		last if time() >= $deadline;
 		usleep(100_000);
 	}
 	diag("$mx vs $my");

@@ -9,13 +9,18 @@
 # their changes were streamed leave nothing, an aborted streamed
 # transaction leaves nothing, PostgreSQL did stream (not spill), and
 # temp_file_limit (1MB here, the spool takes some 3MB) does not stop the
-# publisher, the status shows an open streamed transaction's progress.
+# publisher, the spools are counted in pg_stat_database and logged over
+# log_temp_files, the status shows an open streamed transaction's progress.
 # Then, with the setting off, a large transaction is spilled by PostgreSQL
-# and published whole after its commit; and a streamed transaction cut
-# short by a crash leaves neither records nor its file.
+# and published whole after its commit; a streamed transaction cut short
+# by a crash leaves neither records nor its file; a temp_tablespaces
+# entry that cannot be used sends the spool to the database's pgsql_tmp;
+# and a spool that cannot be written stops the publisher, which publishes
+# the transaction once started again.
 use strict;
 use warnings;
 
+use File::Path qw(rmtree);
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -23,7 +28,7 @@ use Test::More;
 use KafkaBridgeTest;
 
 my $node = kb_node('streamed',
-	conf => "logical_decoding_work_mem = 64kB\ntemp_file_limit = 1MB\n");
+	conf => "logical_decoding_work_mem = 64kB\ntemp_file_limit = 1MB\nlog_temp_files = 0\n");
 $node->start;
 $node->safe_psql('postgres', q{
 	CREATE EXTENSION kafka_bridge;
@@ -36,6 +41,10 @@ $node->safe_psql('postgres', q{
 	SELECT kafka_bridge.publish('wiped', topic => 'regress_streamed_wiped');
 });
 ok(kb_wait_slot($node), 'slot created');
+# publish() snapshots wiped's 10 rows once the slot is there; the
+# transaction below truncates the table, and a snapshot taken after it
+# would find it empty
+is(scalar(kafka_wait_records('regress_streamed_wiped', 10, 60)), 10, 'the snapshot of wiped is published');
 
 # 1. a committed transaction of some 3 MB of changes, with savepoints:
 #    rows 1-5000, a send() and rows 100001-105000 in a savepoint rolled
@@ -141,6 +150,15 @@ my ($streamed, $spilled) = split /\|/, $node->safe_psql('postgres',
 cmp_ok($streamed, '>=', 2, "PostgreSQL streamed the transactions ($streamed)");
 is($spilled, 0, 'and spilled none to disk');
 
+# their spools, larger than temp_file_limit, are counted as temporary files
+# when they close, and logged over log_temp_files
+ok($node->poll_query_until('postgres',
+		"SELECT temp_files >= 2 AND temp_bytes > 2 * 1024 * 1024 FROM pg_stat_database WHERE datname = 'postgres'"),
+	'pg_stat_database counts the spools in temp_files and temp_bytes');
+like(slurp_file($node->logfile),
+	qr{LOG:  temporary file: path "[^"]*/pgsql_tmp/pgsql_tmp\d+\.kb_spool\.\d+", size [1-9]\d{6,}},
+	'and log_temp_files logs them');
+
 # 3. while a streamed transaction is open, kafka_bridge.status shows how
 #    many of its records the publisher keeps so far, and the broker checks
 #    (every second here) leave that shown; after its rollback, the status
@@ -236,6 +254,60 @@ is(scalar(grep { defined $_->{value} && $json->decode($_->{value})->{row}{id} > 
 	0, 'nothing of the one cut short');
 ok($node->poll_query_until('postgres', "SELECT ($keeping) !~ '^keeping'"),
 	'and the publisher no longer keeps its records');
+
+# 6. a temp_tablespaces entry that cannot be used (its directory is gone):
+#    the spool goes to the database's own pgsql_tmp, as PostgreSQL's
+#    temporary files do, and the transaction is published
+my $broken = PostgreSQL::Test::Utils::tempdir();
+$node->safe_psql('postgres', "CREATE TABLESPACE broken_tmp LOCATION '$broken'");
+rmtree($_) for glob("$broken/PG_*");
+# (set at start: a reload outside a transaction leaves the next one with
+# no temp_tablespaces at all, PostgreSQL's assign hook clearing the list)
+$node->safe_psql('postgres', "ALTER SYSTEM SET temp_tablespaces = 'broken_tmp'");
+$node->restart;
+$open = $node->background_psql('postgres');
+$open->query_safe(q{BEGIN});
+$open->query_safe(q{INSERT INTO big SELECT g, repeat('t', 200) FROM generate_series(900001, 905000) g});
+ok($node->poll_query_until('postgres', "SELECT ($keeping) ~ '^keeping the records'"),
+	'with temp_tablespaces unusable, a transaction is streamed');
+@open_spools = spool_files();
+like($open_spools[0] // '', qr{/base/pgsql_tmp/pgsql_tmp\d+\.kb_spool\.\d+ \(deleted\)$},
+	'into a spool in the database\'s own pgsql_tmp');
+$open->query_safe(q{COMMIT});
+$open->quit;
+@records = kafka_wait_records('regress_streamed', $expected + 1 + 5000 + 1 + 5000, 120);
+is(scalar(grep { defined $_->{value} && $json->decode($_->{value})->{row}{id} > 900000 } @records),
+	5000, 'and its 5,000 rows are published');
+$node->safe_psql('postgres', "ALTER SYSTEM RESET temp_tablespaces");
+$node->reload;
+
+# 7. a spool the publisher cannot write (its file size limit lowered to
+#    1 MB, so that the writer thread's pwrite fails with EFBIG): the
+#    publisher stops with the error, and started again (in a process
+#    without that limit) it publishes the transaction whole, once
+my $pub_pid = $node->safe_psql('postgres',
+	"SELECT pid FROM kafka_bridge.status WHERE worker = 'publisher'");
+die "no pid for the publisher: '$pub_pid'" unless $pub_pid =~ /^\d+$/;
+system('prlimit', "--pid=$pub_pid", '--fsize=1048576:') == 0
+  or die "prlimit failed: $?";
+my $log_offset = -s $node->logfile;
+$node->safe_psql('postgres',
+	q{INSERT INTO big SELECT g, repeat('f', 200) FROM generate_series(1000001, 1020000) g});
+ok(eval {
+		$node->wait_for_log(
+			qr/(?:ERROR|FATAL):  could not write to the spool of a streamed transaction, file "[^"]*kb_spool[^"]*": File too large\n[^\n]*HINT:  The publisher starts again/,
+			$log_offset);
+	},
+	'a spool write that fails stops the publisher with the error and a hint');
+ok($node->poll_query_until('postgres',
+		"SELECT pid <> $pub_pid AND state = 'connected' FROM kafka_bridge.status WHERE worker = 'publisher'"),
+	'the publisher runs again in a new process');
+my $before_limit = $expected + 1 + 5000 + 1 + 5000;
+@records = kafka_wait_records('regress_streamed', $before_limit + 20000, 120);
+my @limited = grep { defined $_->{value} && $json->decode($_->{value})->{row}{id} > 1000000 } @records;
+my %limited_ids = map { $json->decode($_->{value})->{row}{id} => 1 } @limited;
+is(scalar(keys %limited_ids), 20000, 'then it publishes each of the transaction\'s 20,000 rows');
+is(scalar(@limited), 20000, 'once');
 
 # the slot moves past everything, and the spool files are gone
 my $end = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
