@@ -130,6 +130,7 @@ struct KbPublisher
 	/* a streamed transaction's progress shown (kb_publisher_report) */
 	bool		reporting;
 	char		activity_before[KB_ACTIVITY_LEN];
+	char		activity_shown[KB_ACTIVITY_LEN];	/* the last reported */
 	int			nhandles;
 	uint64		use_clock;
 	RetiredHandle retired[KB_RETIRED_HANDLES];
@@ -562,6 +563,7 @@ kb_publisher_report(KbPublisher *pub, const char *fmt,...)
 	if (!pub->reporting)
 		kb_status_get_activity(pub->status_slot, pub->activity_before, sizeof(pub->activity_before));
 	pub->reporting = true;
+	strlcpy(pub->activity_shown, activity, sizeof(pub->activity_shown));
 	kb_status_set_activity(pub->status_slot, activity);
 	pgstat_report_activity(STATE_RUNNING, activity);
 }
@@ -569,9 +571,15 @@ kb_publisher_report(KbPublisher *pub, const char *fmt,...)
 void
 kb_publisher_report_end(KbPublisher *pub)
 {
-	if (pub->reporting)
-		kb_status_set_activity(pub->status_slot, pub->activity_before);
+	char		now_shown[KB_ACTIVITY_LEN];
+
+	if (!pub->reporting)
+		return;
 	pub->reporting = false;
+	/* unless the worker has shown something else since (an error, say) */
+	kb_status_get_activity(pub->status_slot, now_shown, sizeof(now_shown));
+	if (strcmp(now_shown, pub->activity_shown) == 0)
+		kb_status_set_activity(pub->status_slot, pub->activity_before);
 }
 
 /* Whether ctx decodes for a publisher (known from its startup on). */
