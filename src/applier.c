@@ -956,7 +956,15 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 		ps->skipped++;			/* this instance's own change, back */
 		return;
 	}
-	if (msg->payload != NULL && seen_before(ps, &rec))
+	/*
+	 * A replay is told by its position whatever it carries, a flat
+	 * TRUNCATE's null value included (applied again, it would empty the
+	 * table of the rows put after it, whose replays are skipped).  Only an
+	 * envelope's tombstone shares the position of its DELETE, and does
+	 * nothing anyway.
+	 */
+	if (!(msg->payload == NULL && ps->sub->format == KB_FORMAT_ENVELOPE) &&
+		seen_before(ps, &rec))
 	{
 		ps->skipped++;
 		return;

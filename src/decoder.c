@@ -1621,7 +1621,17 @@ kb_stream_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 			else
 				replay_row(data, &data->spool_rec, &value);
 			if ((++n % KB_REPLAY_BATCH) == 0)
+			{
 				CHECK_FOR_INTERRUPTS();
+
+				/*
+				 * A delivery failed: nothing more is produced, and the
+				 * publisher starts again from the confirmed position, so
+				 * the rest of the spool need not be read.
+				 */
+				if (kb_publisher_failed(data->publisher))
+					break;
+			}
 		}
 		data->txn_has_records = true;
 		MemoryContextSwitchTo(old);

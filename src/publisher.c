@@ -219,18 +219,22 @@ kb_publisher_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void
 		wake_worker(pub);
 }
 
-/* A record librdkafka refused, on the producing thread: as for a report. */
+/*
+ * A record librdkafka refused, on the producing thread: as for a failed
+ * report, its transaction's count stays up.  Counting it down could let
+ * the worker, between its look at the failure and its look at the count,
+ * take the transaction as acknowledged and confirm the slot past a record
+ * never delivered; the failed publisher is thrown away with its counts.
+ */
 static void
 produce_failed(void *opaque, rd_kafka_topic_t *rkt, rd_kafka_resp_err_t err)
 {
 	KbPublisher *pub = current;
-	PendingTxn *txn = (PendingTxn *) opaque;
 
 	if (pub == NULL)
 		return;
 	set_failure(pub, "cannot produce to topic \"%s\": %s", rd_kafka_topic_name(rkt),
 				rd_kafka_err2str(err));
-	pg_atomic_fetch_sub_u64(&txn->outstanding, 1);
 	wake_worker(pub);
 }
 

@@ -186,6 +186,27 @@ $pub->safe_psql('postgres', encode_utf8($fill));
 ok($node->poll_query_until('postgres',
 		"SELECT md5(string_agg(c::text, ',' ORDER BY id)) = '$pub_md5' FROM client_copy c"),
 	'and the rows written after it arrive');
+
+# the publisher sends the TRUNCATE and rows after it again (as after a
+# crash, from the slot's confirmed position): all of it is told a replay
+# and skipped, the TRUNCATE too, which applied again would empty the table
+# of rows whose replays are skipped
+my @published = kafka_records('regress_seed_from_pg');
+my ($truncate_at) = grep { ($published[$_]{key} // '') eq 'CLIENT-TRUNCATE' } 0 .. $#published;
+my @replay = map {
+	my $h = $_->{headers};
+	+{ key => $_->{key}, value => $_->{value},
+	   headers => [ map { $_ => $h->{$_} } sort keys %$h ] }
+} @published[$truncate_at .. $truncate_at + 5];
+my $skipped_before = $node->safe_psql('postgres',
+	"SELECT sum(skipped) FROM kafka_bridge.subscription_status WHERE topic = 'regress_seed_from_pg'");
+kafka_produce('regress_seed_from_pg', @replay);
+ok($node->poll_query_until('postgres',
+		"SELECT sum(skipped) - $skipped_before >= " . (scalar(@replay) - 1)
+		  . " FROM kafka_bridge.subscription_status WHERE topic = 'regress_seed_from_pg'"),
+	'the replayed records are consumed (' . scalar(@replay) . ', a TRUNCATE first)');
+is($node->safe_psql('postgres', "SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM client_copy c"),
+	$pub_md5, 'and skipped as replays: the table still holds the rows written after the TRUNCATE');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters'), '0', 'no dead letters');
 
 $pub->stop;
