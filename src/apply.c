@@ -71,6 +71,7 @@ typedef struct ApplyColumn
 	bool		typbyval;
 	char		typalign;
 	bool		writable;		/* not a generated column */
+	bool		identity_always;	/* inserted only, never updated */
 	int			key_pos;		/* position in the key, or -1 */
 	char	   *eq_operator;	/* key columns: OPERATOR(schema.=) */
 } ApplyColumn;
@@ -243,7 +244,8 @@ build_table(ApplyTable *t)
 		/* an array column's array type would be its own: unnest flattens it */
 		c->array_type = c->is_array ? InvalidOid : get_array_type(att->atttypid);
 		c->key_pos = -1;
-		t->identity_always |= (att->attidentity == ATTRIBUTE_IDENTITY_ALWAYS);
+		c->identity_always = (att->attidentity == ATTRIBUTE_IDENTITY_ALWAYS);
+		t->identity_always |= c->identity_always;
 		t->many_ok &= (!c->writable || OidIsValid(c->array_type));
 	}
 
@@ -365,7 +367,12 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 		col = -1;
 		while (!nothing && (col = bms_next_member(columns, col)) >= 0)
 		{
-			if (t->columns[col].key_pos >= 0)
+			/*
+			 * A GENERATED ALWAYS identity column can be updated to DEFAULT
+			 * only: it keeps the value it was inserted with (which no
+			 * update of the source changes either).
+			 */
+			if (t->columns[col].key_pos >= 0 || t->columns[col].identity_always)
 				continue;
 			appendStringInfo(&sql, "%s%s = excluded.%s", any_set ? ", " : "",
 							 quote_identifier(t->columns[col].name),
@@ -388,7 +395,7 @@ get_plan(ApplyTable *t, PlanKind kind, Bitmapset *columns)
 		col = -1;
 		while ((col = bms_next_member(columns, col)) >= 0)
 		{
-			if (t->columns[col].key_pos >= 0)
+			if (t->columns[col].key_pos >= 0 || t->columns[col].identity_always)
 				continue;
 			appendStringInfo(&sql, "%s%s = $%d", any_set ? ", " : "",
 							 quote_identifier(t->columns[col].name), param_of[col]);

@@ -1,6 +1,7 @@
 # How the applier treats columns and rights, against the real broker:
 # every type round-trips from A to B; an UPDATE that leaves a TOASTed column
-# unchanged keeps B's value; a column only A has is ignored (and logged
+# unchanged keeps B's value; an identity column generated always is
+# inserted and never updated; a column only A has is ignored (and logged
 # once); a column only B has gets its default on insert and keeps its value
 # on update; a record replayed with the same origin and position is
 # skipped; the apply role's privileges and row security hold.
@@ -68,6 +69,28 @@ ok($b->poll_query_until('postgres', "SELECT small = 'b' FROM regress_bh_toast WH
 	'the update reached B');
 is($b->safe_psql('postgres', "SELECT length(big), big = repeat('x', 100000) FROM regress_bh_toast"),
 	'100000|t', 'the unchanged TOASTed column keeps its value on B');
+
+# ---- a GENERATED ALWAYS identity column that is not the key: inserted
+#      with the source's value, left alone by updates (which could set it
+#      to DEFAULT only), under an upsert (apply_remote) and an update
+#      (last_write_wins) alike ----
+for my $policy ('apply_remote', 'last_write_wins')
+{
+	my $tbl = "regress_bh_ident_$policy";
+	$_->safe_psql('postgres',
+		"CREATE TABLE $tbl (id int PRIMARY KEY, n bigint GENERATED ALWAYS AS IDENTITY (START 100), v text)")
+	  for ($a, $b);
+	$a->safe_psql('postgres', "SELECT kafka_bridge.publish('$tbl')");
+	$b->safe_psql('postgres', "SELECT kafka_bridge.subscribe('$tbl', conflict_policy => '$policy')");
+	$a->safe_psql('postgres', "INSERT INTO $tbl (id, v) VALUES (1, 'a'), (2, 'a')");
+	$a->safe_psql('postgres', "UPDATE $tbl SET v = 'b' WHERE id = 1");
+	my $rows = "SELECT string_agg(t::text, ',' ORDER BY id) FROM $tbl t";
+	ok($b->poll_query_until('postgres', "SELECT ($rows) = '(1,100,b),(2,101,a)'"),
+		"$policy: a table with an identity column generated always gets the rows and the update");
+	is($b->safe_psql('postgres',
+			"SELECT count(*) FROM kafka_bridge.dead_letters WHERE table_name = '$tbl'::regclass"),
+		'0', "$policy: and no dead letter");
+}
 
 # ---- columns only one side has ----
 $a->safe_psql('postgres', q{
