@@ -482,10 +482,19 @@ column_value(ApplyColumn *c, KbJsonField *f, bool *isnull)
 	char	   *text = f->text;
 	Datum		d;
 
+	current_column = c->name;
 	*isnull = (f->type == JSON_TOKEN_NULL);
 	if (*isnull)
-		return (Datum) 0;
-	current_column = c->name;
+	{
+		/*
+		 * Through the input function all the same: a domain's checks NOT
+		 * NULL included (a NULL parameter of the column's own type is never
+		 * coerced to it); a strict input function is not even called.
+		 */
+		d = InputFunctionCall(&c->input, NULL, c->ioparam, c->typmod);
+		current_column = NULL;
+		return d;
+	}
 	if (f->type == JSON_TOKEN_STRING && c->is_json && !c->is_array)
 	{
 		/* a JSON string is the value: give the type its JSON text */

@@ -1,7 +1,8 @@
 # How the applier treats columns and rights, against the real broker:
 # every type round-trips from A to B; an UPDATE that leaves a TOASTed column
 # unchanged keeps B's value; an identity column generated always is
-# inserted and never updated; a column only A has is ignored (and logged
+# inserted and never updated; a NULL for a domain NOT NULL is refused; a
+# column only A has is ignored (and logged
 # once); a column only B has gets its default on insert and keeps its value
 # on update; a record replayed with the same origin and position is
 # skipped; the apply role's privileges and row security hold.
@@ -91,6 +92,28 @@ for my $policy ('apply_remote', 'last_write_wins')
 			"SELECT count(*) FROM kafka_bridge.dead_letters WHERE table_name = '$tbl'::regclass"),
 		'0', "$policy: and no dead letter");
 }
+
+# ---- a NULL for a column of a domain NOT NULL (on B only): refused
+#      with the domain's reason, the next row applied ----
+$a->safe_psql('postgres', q{
+	CREATE TABLE regress_bh_domain (id int PRIMARY KEY, v text);
+	SELECT kafka_bridge.publish('regress_bh_domain');
+});
+$b->safe_psql('postgres', q{
+	CREATE DOMAIN required_text AS text NOT NULL;
+	CREATE TABLE regress_bh_domain (id int PRIMARY KEY, v required_text);
+	SELECT kafka_bridge.subscribe('regress_bh_domain');
+});
+$a->safe_psql('postgres', "INSERT INTO regress_bh_domain VALUES (1, NULL)");
+$a->safe_psql('postgres', "INSERT INTO regress_bh_domain VALUES (2, 'x')");
+ok($b->poll_query_until('postgres', "SELECT count(*) = 1 FROM regress_bh_domain WHERE id = 2"),
+	'the row with a value arrives');
+is($b->safe_psql('postgres', q{
+		SELECT string_agg(convert_from(key, 'UTF8') || ' ' || reason, E'\n')
+		  FROM kafka_bridge.dead_letters WHERE table_name = 'regress_bh_domain'::regclass}),
+	'{"id":1} column "v": domain public.required_text does not allow null values',
+	'the NULL for the domain NOT NULL goes to the dead letters, with the domain\'s reason');
+is($b->safe_psql('postgres', "SELECT count(*) FROM regress_bh_domain"), '1', 'and is not stored');
 
 # ---- columns only one side has ----
 $a->safe_psql('postgres', q{
