@@ -264,12 +264,23 @@ check_subscriptions(void)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	pgstat_report_activity(STATE_RUNNING, "reading kafka_bridge.subscriptions");
-	ap.subs_version = kb_status_subscriptions_version();
 	ap.have_extension = OidIsValid(get_extension_oid(KB_EXTENSION_NAME, true));
-	if (ap.have_extension)
+	if (!ap.have_extension)
+		ap.subs_version = kb_status_subscriptions_version();
+	else
 	{
 		ap.subs_relid = get_relname_relid("subscriptions",
 										  get_namespace_oid(KB_SCHEMA_NAME, false));
+
+		/*
+		 * The version, then the snapshot, under the lock subscribe() and
+		 * unsubscribe() conflict with: a change that bumped the version
+		 * but has not committed yet would else leave its new version with
+		 * the old list, and the next batch would be applied by the list
+		 * the change replaced.
+		 */
+		LockRelationOid(ap.subs_relid, RowShareLock);
+		ap.subs_version = kb_status_subscriptions_version();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");

@@ -2,10 +2,11 @@
 # every type round-trips from A to B; an UPDATE that leaves a TOASTed column
 # unchanged keeps B's value; an identity column generated always is
 # inserted and never updated; a NULL for a domain NOT NULL is refused; a
-# column only A has is ignored (and logged
-# once); a column only B has gets its default on insert and keeps its value
-# on update; a record replayed with the same origin and position is
-# skipped; the apply role's privileges and row security hold.
+# column only A has is ignored (and logged once); a column only B has gets
+# its default on insert and keeps its value on update; a record replayed
+# with the same origin and position is skipped; the apply role's
+# privileges and row security hold; a record that comes just after an
+# unsubscribe() commits is not applied.
 use strict;
 use warnings;
 
@@ -184,6 +185,34 @@ is( $b->safe_psql('postgres',
 	'row security refuses the row the policy does not allow, and the missing DELETE right refuses the delete');
 is($b->safe_psql('postgres', "SELECT string_agg(id || ':' || owner, ',' ORDER BY id) FROM regress_bh_rights"),
 	'1:mine,3:mine', 'the allowed rows are applied; the refused ones change nothing');
+
+# ---- unsubscribe() in a transaction that the applier's look at the
+#      subscriptions (once a second) falls into: a record that comes just
+#      after its commit is not applied to the table, nor the topic's
+#      progress written back ----
+$_->safe_psql('postgres', 'CREATE TABLE regress_bh_unsub (id int PRIMARY KEY, v text)') for ($a, $b);
+$a->safe_psql('postgres', "SELECT kafka_bridge.publish('regress_bh_unsub')");
+$b->safe_psql('postgres', "SELECT kafka_bridge.subscribe('regress_bh_unsub')");
+$a->safe_psql('postgres', "INSERT INTO regress_bh_unsub VALUES (1, 'before')");
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_bh_unsub'),
+	'a subscribed table gets its row');
+my $unsub = $b->background_psql('postgres');
+$unsub->query_safe('BEGIN');
+$unsub->query_safe("SELECT kafka_bridge.unsubscribe('regress_bh_unsub')");
+sleep 3;
+$unsub->query_safe('COMMIT');
+$unsub->quit;
+$a->safe_psql('postgres', "INSERT INTO regress_bh_unsub VALUES (2, 'after')");
+# a row of a table still subscribed, written after it, tells when it is past
+$a->safe_psql('postgres', "INSERT INTO regress_bh_domain VALUES (3, 'sentinel')");
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_bh_domain WHERE id = 3'),
+	'a later row of another subscribed table arrives');
+sleep 1;
+is($b->safe_psql('postgres', 'SELECT string_agg(v, \',\') FROM regress_bh_unsub'), 'before',
+	'the row written after unsubscribe() committed is not applied');
+is($b->safe_psql('postgres',
+		"SELECT count(*) FROM kafka_bridge.apply_progress WHERE topic = 'regress_bh_unsub'"),
+	'0', 'nor is the unsubscribed topic\'s progress written back');
 
 $_->stop for ($a, $b);
 done_testing();
