@@ -1053,6 +1053,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 	PG_TRY();
 	{
 		MemoryContext spi_cxt;
+		int			guc_level;
 
 		begin_work(careful ? "applying records one by one after an error" : "applying records");
 		spi_cxt = CurrentMemoryContext;
@@ -1083,6 +1084,13 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 				ap.subs_version = version;
 			}
 		}
+		/*
+		 * What the tables' code (triggers, defaults, checks, policies)
+		 * changes in the settings, even for the session, is undone at the
+		 * end of the batch: else a set_config() of a trigger, say
+		 * default_transaction_read_only, would rule every later batch.
+		 */
+		guc_level = NewGUCNestLevel();
 		for (int i = 0; i < n; i++)
 		{
 			TopicPartition key = {0};
@@ -1105,6 +1113,7 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 			MemoryContextReset(ap.record_cxt);
 		}
 		kb_apply_flush();
+		AtEOXact_GUC(false, guc_level);
 		store_progress();
 		end_work();
 	}

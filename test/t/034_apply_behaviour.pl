@@ -6,7 +6,8 @@
 # its default on insert and keeps its value on update; a record replayed
 # with the same origin and position is skipped; the apply role's
 # privileges and row security hold; a record that comes just after an
-# unsubscribe() commits is not applied.
+# unsubscribe() commits is not applied; a setting a trigger changes for the
+# session does not outlive its batch.
 use strict;
 use warnings;
 
@@ -213,6 +214,35 @@ is($b->safe_psql('postgres', 'SELECT string_agg(v, \',\') FROM regress_bh_unsub'
 is($b->safe_psql('postgres',
 		"SELECT count(*) FROM kafka_bridge.apply_progress WHERE topic = 'regress_bh_unsub'"),
 	'0', 'nor is the unsubscribed topic\'s progress written back');
+
+# ---- a trigger of the table that changes a setting for the session
+#      (default_transaction_read_only): undone after its batch, so the next
+#      batch still writes ----
+$a->safe_psql('postgres', q{
+	CREATE TABLE regress_bh_guc (id int PRIMARY KEY, v text);
+	SELECT kafka_bridge.publish('regress_bh_guc');
+});
+$b->safe_psql('postgres', q{
+	CREATE TABLE regress_bh_guc (id int PRIMARY KEY, v text);
+	CREATE FUNCTION regress_bh_guc_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN
+		PERFORM set_config('default_transaction_read_only', 'on', false);
+		RETURN NEW;
+	END $$;
+	CREATE TRIGGER regress_bh_guc_set BEFORE INSERT ON regress_bh_guc
+		FOR EACH ROW EXECUTE FUNCTION regress_bh_guc_trigger();
+	ALTER TABLE regress_bh_guc ENABLE ALWAYS TRIGGER regress_bh_guc_set;
+	SELECT kafka_bridge.subscribe('regress_bh_guc');
+});
+my $guc_log_offset = -s $b->logfile;
+$a->safe_psql('postgres', "INSERT INTO regress_bh_guc VALUES (1, 'first')");
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_bh_guc'),
+	'a row whose trigger sets default_transaction_read_only for the session is applied');
+$a->safe_psql('postgres', "INSERT INTO regress_bh_guc VALUES (2, 'second')");
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 2 FROM regress_bh_guc'),
+	'and the next batch is applied too');
+unlike(slurp_file($b->logfile, $guc_log_offset), qr/read-only transaction/,
+	'at once: no batch met a read-only transaction (the setting did not outlive its batch)');
 
 $_->stop for ($a, $b);
 done_testing();
