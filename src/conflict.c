@@ -38,6 +38,7 @@
 #include "miscadmin.h"
 #include "replication/origin.h"
 #include "utils/array.h"
+#include "utils/guc.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgrprotos.h"
@@ -199,15 +200,59 @@ kb_row_version(TransactionId xmin, const KbVersion *current, KbVersion *v)
 
 /* ---- keys and tombstones ---- */
 
+/* Whether a type's text form is the same whatever the session's settings. */
+static bool
+text_form_is_fixed(Oid type)
+{
+	switch (getBaseType(type))
+	{
+		case BOOLOID:
+		case CHAROID:
+		case NAMEOID:
+		case INT2OID:
+		case INT4OID:
+		case INT8OID:
+		case OIDOID:
+		case NUMERICOID:
+		case TEXTOID:
+		case VARCHAROID:
+		case BPCHAROID:
+		case UUIDOID:
+			return true;
+		default:
+			return false;
+	}
+}
+
 /*
  * A row's key as text: a JSON array of the key columns' text forms, which
- * the local trigger (from the deleted tuple) and the applier (from the
- * event's values) both make the same way.
+ * the local trigger (from the deleted tuple, in whatever session deleted
+ * it) and the applier (from the event's values) both make the same way:
+ * types whose text form follows settings (dates and times, intervals,
+ * floats, bytea, arrays and composites of them) are written with the
+ * settings fixed, as pg_dump does.
  */
 char *
 kb_key_text(int nkeys, const Datum *values, const Oid *types)
 {
 	StringInfoData buf;
+	int			guc_level = -1;
+
+	for (int k = 0; k < nkeys && guc_level < 0; k++)
+		if (!text_form_is_fixed(types[k]))
+		{
+			guc_level = NewGUCNestLevel();
+			(void) set_config_option("DateStyle", "ISO, YMD", PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
+			(void) set_config_option("IntervalStyle", "postgres", PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
+			(void) set_config_option("TimeZone", "UTC", PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
+			(void) set_config_option("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
+			(void) set_config_option("bytea_output", "hex", PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
+		}
 
 	initStringInfo(&buf);
 	appendStringInfoChar(&buf, '[');
@@ -222,6 +267,8 @@ kb_key_text(int nkeys, const Datum *values, const Oid *types)
 		escape_json(&buf, OidOutputFunctionCall(out, values[k]));
 	}
 	appendStringInfoChar(&buf, ']');
+	if (guc_level >= 0)
+		AtEOXact_GUC(false, guc_level);
 	return buf.data;
 }
 

@@ -12,7 +12,8 @@
 # each side's row, apply_remote takes the other's (neither converges, as
 # documented), error sets the remote change aside as a dead letter.  Last,
 # an instance with track_commit_timestamp off refuses to apply a
-# last_write_wins table, and says why; it still publishes a snapshot.
+# last_write_wins table, and says why; it still publishes a snapshot.  And a
+# tombstone's key does not depend on the deleting session's settings.
 use strict;
 use warnings;
 
@@ -241,6 +242,23 @@ my @snap = kafka_scan('regress_cases_snap_off');
 is(scalar(grep { ($_->{headers}{commit_time} // '') eq '1970-01-01T00:00:00+00:00' } @snap), 100,
 	'C: each snapshot record carries the Unix epoch as its commit time');
 $c->stop;
+
+# a tombstone's key is the same whatever the settings of the session that
+# deleted the row (the applier compares it with keys it makes itself)
+$node{B}->safe_psql('postgres', q{
+	CREATE TABLE keyed_by_time (at timestamptz PRIMARY KEY, v text);
+	SELECT kafka_bridge.sync('keyed_by_time', topic => 'regress_cases_keyed_by_time');
+	INSERT INTO keyed_by_time VALUES ('2026-03-01 12:00:00+00', 'x');
+});
+$node{B}->safe_psql('postgres', q{
+	SET TimeZone = 'Asia/Tokyo';
+	SET DateStyle = 'SQL, DMY';
+	DELETE FROM keyed_by_time;
+});
+is($node{B}->safe_psql('postgres',
+		"SELECT key FROM kafka_bridge.tombstones WHERE relid = 'keyed_by_time'::regclass"),
+	'["2026-03-01 12:00:00+00"]',
+	'B: a timestamptz key deleted in a session in Tokyo with DateStyle SQL is kept in ISO form in UTC');
 
 $node{$_}->stop for qw(A B);
 done_testing();
