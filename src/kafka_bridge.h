@@ -280,6 +280,7 @@ extern void kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 								 const char *key, int key_len, const char *value, int value_len,
 								 const KbEventHeaders *headers);
 extern bool kb_publisher_batch_acknowledged(KbPublishBatch *batch);
+extern void kb_publisher_batch_free(KbPublishBatch *batch);
 extern bool kb_publisher_failed(KbPublisher *pub);
 
 /*

@@ -925,6 +925,17 @@ kb_publisher_batch_acknowledged(KbPublishBatch *batch)
 }
 
 /*
+ * Free a batch once every record of it is acknowledged: the last report
+ * touched it last.  (A batch left unacknowledged goes with its publisher.)
+ */
+void
+kb_publisher_batch_free(KbPublishBatch *batch)
+{
+	Assert(kb_publisher_batch_acknowledged(batch));
+	pfree(batch);
+}
+
+/*
  * Make sure a topic exists and the producer knows its partitions, before a
  * snapshot chunk locks its table: creating a topic and learning its leaders
  * takes a while, during which the table's writers would wait.  compact: a

@@ -1040,6 +1040,7 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 		}
 		else if (f->upto)
 			pfree(DatumGetPointer(f->upto));
+		kb_publisher_batch_free(f->batch);
 		pfree(f);
 	}
 	idle = in_flight != NIL ? KB_SNAPSHOT_WAITING : KB_SNAPSHOT_NONE;
