@@ -21,6 +21,11 @@
  * of records of one subtransaction, and every record whose subtransaction
  * is not known (a logical message's: PostgreSQL does not say which).
  *
+ * Memory first.  A spool starts as one buffer of 64 kB in memory, doubled
+ * as it fills up to SPOOL_BUFFER_SIZE: a streamed transaction smaller than
+ * that never has a file, nor the other buffers (when many transactions run
+ * at once, PostgreSQL may stream many of them).
+ *
  * Writing.  Records are copied into buffers of SPOOL_BUFFER_SIZE bytes, and
  * a full buffer is written to the file by the spool writer, a thread of
  * the process, while decoding goes on into the next buffer.  While a large
@@ -70,6 +75,7 @@
 
 #define SPOOL_BUFFER_SIZE	(1024 * 1024)
 #define SPOOL_BUFFERS		4
+#define SPOOL_FIRST_SIZE	(64 * 1024)	/* the first buffer's, at first */
 #define SPOOL_OPEN_FLAGS	(O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | PG_BINARY)
 
 /* Where a record starts, to cut the spool there. */
@@ -87,6 +93,7 @@ typedef struct SpoolBuffer
 	KbSpool    *spool;
 	char	   *data;
 	size_t		len;
+	size_t		capacity;		/* SPOOL_BUFFER_SIZE, or less for the first */
 	uint64		offset;			/* of data[0] in the file */
 	bool		busy;			/* under writer.lock */
 } SpoolBuffer;
@@ -96,6 +103,7 @@ struct KbSpool
 	MemoryContext cxt;			/* the spool's own */
 	int			fd;				/* -1 once closed */
 	char		path[MAXPGPATH];	/* the name it was made under */
+	Oid			tablespace;		/* of temp_tablespaces, else invalid */
 	uint64		nrecords;
 	TransactionId last_xid;		/* of the last record appended */
 	SpoolMark  *marks;
@@ -252,13 +260,39 @@ hand_over(KbSpool *spool)
 	pthread_mutex_unlock(&writer.lock);
 }
 
+static void open_file(KbSpool *spool);
+
+/*
+ * The first buffer is full: grow it while it is smaller than the others;
+ * else the spool needs its file, its writer and its other buffers.
+ */
+static void
+first_buffer_full(KbSpool *spool)
+{
+	SpoolBuffer *b = &spool->buffers[0];
+
+	if (b->capacity < SPOOL_BUFFER_SIZE)
+	{
+		b->capacity = Min(b->capacity * 2, SPOOL_BUFFER_SIZE);
+		b->data = repalloc(b->data, b->capacity);
+		return;
+	}
+	for (int i = 1; i < SPOOL_BUFFERS; i++)
+	{
+		spool->buffers[i].data = MemoryContextAlloc(spool->cxt, SPOOL_BUFFER_SIZE);
+		spool->buffers[i].capacity = SPOOL_BUFFER_SIZE;
+	}
+	start_writer();
+	open_file(spool);
+}
+
 static void
 append_bytes(KbSpool *spool, const char *bytes, size_t len)
 {
 	while (len > 0)
 	{
 		SpoolBuffer *b = &spool->buffers[spool->current];
-		size_t		n = Min(len, SPOOL_BUFFER_SIZE - b->len);
+		size_t		n = Min(len, b->capacity - b->len);
 
 		memcpy(b->data + b->len, bytes, n);
 		b->len += n;
@@ -266,8 +300,13 @@ append_bytes(KbSpool *spool, const char *bytes, size_t len)
 		spool->file_size = Max(spool->file_size, spool->size);
 		bytes += n;
 		len -= n;
-		if (b->len == SPOOL_BUFFER_SIZE)
-			hand_over(spool);
+		if (b->len == b->capacity)
+		{
+			if (spool->fd < 0)
+				first_buffer_full(spool);
+			if (b->len == b->capacity)
+				hand_over(spool);
+		}
 	}
 }
 
@@ -334,8 +373,7 @@ open_file(KbSpool *spool)
 				 errmsg("could not make the spool of a streamed transaction: too many open files"),
 				 errhint("Raise max_files_per_process.")));
 
-	PrepareTempTablespaces();
-	tablespace = GetNextTempTableSpace();
+	tablespace = spool->tablespace;
 	spool->fd = -1;
 	if (OidIsValid(tablespace) && tablespace != fallback)
 		spool->fd = open_in_tablespace(spool, tablespace, number);
@@ -373,25 +411,21 @@ kb_spool_create(MemoryContext cxt)
 	spool->marks = MemoryContextAlloc(spool_cxt, sizeof(SpoolMark) * spool->maxmarks);
 	spool->last_xid = InvalidTransactionId;
 	for (int i = 0; i < SPOOL_BUFFERS; i++)
-	{
 		spool->buffers[i].spool = spool;
-		spool->buffers[i].data = MemoryContextAlloc(spool_cxt, SPOOL_BUFFER_SIZE);
-	}
+	/* the rest when the first buffer outgrows its size (first_buffer_full) */
+	spool->buffers[0].data = MemoryContextAlloc(spool_cxt, SPOOL_FIRST_SIZE);
+	spool->buffers[0].capacity = SPOOL_FIRST_SIZE;
+
+	/*
+	 * The tablespace of its file is chosen now: the file is made while a
+	 * change is decoded, when no catalog may be scanned but through its
+	 * indexes (and temp_tablespaces names are looked up by a scan).
+	 */
+	PrepareTempTablespaces();
+	spool->tablespace = GetNextTempTableSpace();
 	cb->func = spool_release;
 	cb->arg = spool;
 	MemoryContextRegisterResetCallback(spool_cxt, cb);
-
-	PG_TRY();
-	{
-		start_writer();
-		open_file(spool);
-	}
-	PG_CATCH();
-	{
-		MemoryContextDelete(spool_cxt);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
 	return spool;
 }
 
@@ -480,6 +514,16 @@ kb_spool_rewind(KbSpool *spool)
 {
 	SpoolBuffer *b = &spool->buffers[spool->current];
 
+	spool->read_pos = 0;
+	spool->read = 0;
+	if (spool->fd < 0)
+	{
+		/* no file: the records are all in the first buffer, read there */
+		Assert(spool->current == 0 && b->len == spool->size);
+		spool->replaying = true;
+		spool->read_offset = spool->size;
+		return;
+	}
 	/* what the current buffer holds goes to the file too (once) */
 	if (b->len > 0 && !spool->replaying)
 		hand_over(spool);
@@ -488,8 +532,6 @@ kb_spool_rewind(KbSpool *spool)
 	b = &spool->buffers[spool->current];
 	b->len = 0;
 	spool->read_offset = 0;
-	spool->read_pos = 0;
-	spool->read = 0;
 }
 
 /* Copy the next len bytes of the file to dst. */
