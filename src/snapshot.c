@@ -279,6 +279,7 @@ typedef struct Chunk
 	StringInfoData key_json;
 	KbPublishBatch *batch;
 	int64		rows;
+	int			limit;			/* rows read at most (the setting may change) */
 	bool		exhausted;		/* no row is left after this chunk */
 	/* the commit_time header of the last xmin seen (rows come in runs) */
 	TransactionId time_xmin;
@@ -481,7 +482,13 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 		appendStringInfo(&sql, "kb_row.%s, ", quote_identifier(NameStr(att->attname)));
 		(*columns)[(*ncolumns)++] = att->attnum;
 	}
-	appendStringInfo(&sql, "kb_row.xmin FROM %s kb_row",
+	/*
+	 * A plain table's inheritance children are tables of their own, whose
+	 * changes are not the parent's: ONLY (a partitioned table's rows are in
+	 * its partitions)
+	 */
+	appendStringInfo(&sql, "kb_row.xmin FROM %s%s kb_row",
+					 c->rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE ? "" : "ONLY ",
 					 quote_qualified_identifier(get_namespace_name(RelationGetNamespace(c->rel)),
 												RelationGetRelationName(c->rel)));
 	*params_out = NULL;
@@ -516,7 +523,8 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 	}
 	if (!from_start)
 		appendStringInfo(&sql, " WHERE (%s) > (%s)", cols.data, params.data);
-	appendStringInfo(&sql, " ORDER BY %s LIMIT %d", cols.data, kb_snapshot_chunk_rows);
+	c->limit = kb_snapshot_chunk_rows;
+	appendStringInfo(&sql, " ORDER BY %s LIMIT %d", cols.data, c->limit);
 	return sql.data;
 }
 
@@ -630,7 +638,7 @@ produce_chunk(KbPublisher *pub, Chunk *c)
 		elog(ERROR, "reading a snapshot chunk of table \"%s\" failed", c->relname);
 
 	/* a chunk that read its LIMIT may have left rows behind */
-	c->exhausted = !r.stopped && (c->key.nkeys == 0 || c->rows < kb_snapshot_chunk_rows);
+	c->exhausted = !r.stopped && (c->key.nkeys == 0 || c->rows < c->limit);
 	upto = c->rows > 0 && c->key.nkeys > 0 ? key_text(c, r.last_key) : NULL;
 	MemoryContextDelete(r.row_cxt);
 	MemoryContextDelete(r.key_cxt);

@@ -418,6 +418,14 @@ kafka_bridge_worker_main(Datum arg)
 
 	BackgroundWorkerInitializeConnection(dbname, NULL, 0);
 	pgstat_report_appname("kafka_bridge");
+
+	/*
+	 * Whatever postgresql.conf or ALTER DATABASE says: a snapshot chunk
+	 * must see the rows committed before it locked its table (a snapshot
+	 * taken before the lock would miss them), and the applier reads each
+	 * row as it stands when it writes it.
+	 */
+	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
 	kb_status_set_latch(my_slot, MyDatabaseId, MyLatch);
 
 	PG_TRY();

@@ -205,5 +205,23 @@ $c->safe_psql('postgres', "SELECT kafka_bridge.unsubscribe('item_late')");
 $c->safe_psql('postgres', "SELECT kafka_bridge.subscribe('item', topic => '$topic')");
 kb_converge($a, $c, 'item', 'C, subscribed from the beginning, holds the same rows as A');
 
+# a table with an inheritance child: its snapshot has its own rows only
+# (the child's changes are not published with it either)
+$a->safe_psql('postgres', q{
+	CREATE TABLE parent_rows (id int PRIMARY KEY, v text);
+	CREATE TABLE child_rows (extra int) INHERITS (parent_rows);
+	INSERT INTO parent_rows SELECT g, 'parent' FROM generate_series(1, 5) g;
+	INSERT INTO child_rows SELECT g, 'child', 0 FROM generate_series(6, 8) g;
+	SELECT kafka_bridge.publish('parent_rows', topic => 'regress_snapshot_parent');
+});
+ok($a->poll_query_until('postgres',
+		"SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'parent_rows'::regclass"),
+	'A: the snapshot of a table with an inheritance child is done');
+is($a->safe_psql('postgres',
+		"SELECT rows_done FROM kafka_bridge.snapshots WHERE table_name = 'parent_rows'::regclass"),
+	'5', 'A: with the table\'s own 5 rows');
+is(join(',', sort map { $_->{key} } kafka_scan('regress_snapshot_parent')),
+	'{"id":1},{"id":2},{"id":3},{"id":4},{"id":5}', 'A: the topic holds them, none of the child\'s');
+
 $_->stop for ($a, $b, $c);
 done_testing();

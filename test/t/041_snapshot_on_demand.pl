@@ -3,7 +3,9 @@
 # second for its locks (each statement's duration is measured by the
 # writer), B, which syncs the table, ends with A's rows, and the topic got
 # every row again from the snapshot.  A snapshot interrupted by a restart of
-# the server resumes where it stood.
+# the server resumes where it stood.  The servers run with
+# default_transaction_isolation = 'repeatable read', which the workers
+# override.
 use strict;
 use warnings;
 
@@ -19,7 +21,9 @@ my $rows = 100_000;
 my %node;
 for my $name (qw(A B))
 {
-	my $node = kb_node($name, conf => "track_commit_timestamp = on\n");
+	# repeatable read by default: the workers run read committed all the same
+	my $node = kb_node($name,
+		conf => "track_commit_timestamp = on\ndefault_transaction_isolation = 'repeatable read'\n");
 	$node->start;
 	$node->safe_psql('postgres', q{
 		CREATE EXTENSION kafka_bridge;
