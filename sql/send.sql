@@ -30,6 +30,9 @@ SELECT kafka_bridge.send(NULL, 'k', 'v'::text);
 SELECT kafka_bridge.send('bad topic', 'k', 'v'::text);
 SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"h": 1}');
 SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"": "x"}');
+-- the headers appliers read to tell replays and order versions are kafka_bridge's own
+SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"origin": "7311551838474567890", "lsn": "FFFFFFFF/FFFFFFFF"}');
+SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"commit_time": "2999-01-01T00:00:00+00:00"}');
 SELECT kafka_bridge.send('t', 'k', 'v'::text, '"scalar"');
 SELECT kafka_bridge.send('t', 'k', repeat('x', 1000001));
 CREATE ROLE regress_kb_sender;
