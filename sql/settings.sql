@@ -28,6 +28,8 @@ ALTER SYSTEM SET kafka_bridge.kafka_options = 'bootstrap.servers=elsewhere:9092'
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'log.queue=false';
 -- nothing that loads code into the server
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'plugin.library.paths=/tmp/evil.so';
+ALTER SYSTEM SET kafka_bridge.kafka_options = 'ssl.engine.location=/tmp/evil.so';
+ALTER SYSTEM SET kafka_bridge.kafka_options = 'sasl.kerberos.kinit.cmd=''touch /tmp/pwned''';
 -- secrets belong in the superuser-only settings
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'sasl.password=hunter2';
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'ssl.key.password=hunter2';

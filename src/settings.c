@@ -66,9 +66,16 @@ static const char *const managed_properties[] = {
 	NULL
 };
 
-/* Properties that would load code into the server process. */
+/* Properties that would load code into the server process, or run it. */
 static const char *const forbidden_properties[] = {
 	"plugin.library.paths", "interceptors",
+	"ssl.engine.location", "ssl.providers",
+	NULL
+};
+
+/* A property that runs a shell command, as the server's user. */
+static const char *const command_properties[] = {
+	"sasl.kerberos.kinit.cmd",
 	NULL
 };
 
@@ -169,6 +176,12 @@ kb_apply_property_list(rd_kafka_conf_t *conf, const char *list, char **detail)
 		if (name_in(name.data, forbidden_properties))
 		{
 			*detail = psprintf("librdkafka property \"%s\" would load a library into the server and is not allowed.",
+							   name.data);
+			return false;
+		}
+		if (name_in(name.data, command_properties))
+		{
+			*detail = psprintf("librdkafka property \"%s\" would run a shell command as the server's user and is not allowed.",
 							   name.data);
 			return false;
 		}
