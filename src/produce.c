@@ -213,6 +213,15 @@ topic_handle(rd_kafka_t *rk, const char *topic, int *timeout_ms)
 }
 
 /*
+ * The headers by which appliers tell a replay and order versions: a record
+ * that forged them could hide the next changes of an instance, or win
+ * every conflict.
+ */
+static const char *const reserved_headers[] = {
+	KB_HEADER_ORIGIN, KB_HEADER_LSN, KB_HEADER_SEQ, KB_HEADER_COMMIT_TIME
+};
+
+/*
  * Check the headers argument, a JSON object whose values are strings or
  * null, and copy it.  Returns the number of headers.
  */
@@ -251,21 +260,14 @@ kb_collect_headers(Jsonb *headers, KbHeader **result, size_t *total_bytes)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("the name of a Kafka record header cannot be empty")));
-
-			/*
-			 * The headers by which appliers tell a replay and order
-			 * versions: a record that forged them could hide the next
-			 * changes of an instance, or win every conflict.
-			 */
-			if ((name_len == strlen(KB_HEADER_ORIGIN) && memcmp(name, KB_HEADER_ORIGIN, name_len) == 0) ||
-				(name_len == strlen(KB_HEADER_LSN) && memcmp(name, KB_HEADER_LSN, name_len) == 0) ||
-				(name_len == strlen(KB_HEADER_SEQ) && memcmp(name, KB_HEADER_SEQ, name_len) == 0) ||
-				(name_len == strlen(KB_HEADER_COMMIT_TIME) && memcmp(name, KB_HEADER_COMMIT_TIME, name_len) == 0))
-				ereport(ERROR,
-						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("Kafka record header \"%s\" is kafka_bridge's own", pnstrdup(name, name_len)),
-						 errdetail("Appliers read the headers origin, lsn, seq and commit_time to tell replays and to order versions."),
-						 errhint("Give the header another name.")));
+			for (int i = 0; i < lengthof(reserved_headers); i++)
+				if (name_len == strlen(reserved_headers[i]) &&
+					memcmp(name, reserved_headers[i], name_len) == 0)
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errmsg("Kafka record header \"%s\" is kafka_bridge's own", reserved_headers[i]),
+							 errdetail("Appliers read the headers origin, lsn, seq and commit_time to tell replays and to order versions."),
+							 errhint("Give the header another name.")));
 		}
 		else if (tok == WJB_VALUE)
 		{
