@@ -34,7 +34,12 @@ SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"": "x"}');
 SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"origin": "7311551838474567890", "lsn": "FFFFFFFF/FFFFFFFF"}');
 SELECT kafka_bridge.send('t', 'k', 'v'::text, '{"commit_time": "2999-01-01T00:00:00+00:00"}');
 SELECT kafka_bridge.send('t', 'k', 'v'::text, '"scalar"');
-SELECT kafka_bridge.send('t', 'k', repeat('x', 1000001));
+-- the producer's limit (message.max.bytes, 1000000) counts the key, the
+-- value, the headers and 36 bytes of record framing
+SELECT kafka_bridge.send('t', 'k', repeat('x', 999963)) IS NOT NULL AS at_the_limit;
+SELECT kafka_bridge.send('t', 'k', repeat('x', 999964));
+SELECT kafka_bridge.send('t', 'k', repeat('x', 999959), '{"h": "v"}') IS NOT NULL AS at_the_limit;
+SELECT kafka_bridge.send('t', 'k', repeat('x', 999960), '{"h": "v"}');
 CREATE ROLE regress_kb_sender;
 SET ROLE regress_kb_sender;
 SELECT kafka_bridge.send('t', 'k', 'v'::text);

@@ -221,6 +221,14 @@ typedef struct KbHeader
  */
 extern int	kb_collect_headers(Jsonb *headers, KbHeader **result,
 							   size_t *total_bytes);
+
+/*
+ * The size librdkafka gives a record when it checks it against
+ * message.max.bytes: key, value and headers, each header's lengths as
+ * varints, and the most the framing of one record takes.  (produce.c)
+ */
+extern size_t kb_record_wire_size(size_t key_len, size_t value_len,
+								  const KbHeader *headers, int nheaders);
 #define KB_VALUE_KIND_JSON		'j'
 #define KB_VALUE_KIND_TEXT		't'
 #define KB_VALUE_KIND_BYTES		'b'

@@ -291,6 +291,36 @@ kb_collect_headers(Jsonb *headers, KbHeader **result, size_t *total_bytes)
 	return count;
 }
 
+/* Bytes of a zigzag varint of n (n >= 0): Kafka's lengths in a record. */
+static size_t
+varint_size(size_t n)
+{
+	size_t		bytes = 1;
+
+	for (n <<= 1; n >= 0x80; n >>= 7)
+		bytes++;
+	return bytes;
+}
+
+/*
+ * The framing of a v2 record at its largest: its length, attributes,
+ * timestamp delta (a 64-bit varint), offset delta, key and value lengths
+ * and header count.
+ */
+#define RECORD_MAX_FRAMING	(5 + 1 + 10 + 5 + 5 + 5 + 5)
+
+size_t
+kb_record_wire_size(size_t key_len, size_t value_len, const KbHeader *headers,
+					int nheaders)
+{
+	size_t		size = RECORD_MAX_FRAMING + key_len + value_len;
+
+	for (int i = 0; i < nheaders; i++)
+		size += varint_size(headers[i].name_len) + headers[i].name_len +
+			varint_size(headers[i].value_len) + headers[i].value_len;
+	return size;
+}
+
 /* The SQLSTATE of a record's failure, by librdkafka's or the broker's code. */
 static int
 failure_sqlstate(rd_kafka_resp_err_t err)

@@ -56,9 +56,12 @@ producer_max_bytes(void)
 	return max_bytes;
 }
 
-/* Append the headers, checked as produce() checks them. */
-static void
-append_headers(StringInfo buf, Jsonb *headers)
+/*
+ * Append the headers, checked as produce() checks them; returns the size
+ * of the record librdkafka will check against message.max.bytes.
+ */
+static size_t
+append_headers(StringInfo buf, Jsonb *headers, size_t key_len, size_t value_len)
 {
 	KbHeader   *list;
 	size_t		bytes = 0;
@@ -85,6 +88,7 @@ append_headers(StringInfo buf, Jsonb *headers)
 			pq_sendbytes(buf, list[i].value, list[i].value_len);
 		}
 	}
+	return kb_record_wire_size(key_len, value_len, list, count);
 }
 
 /*
@@ -99,6 +103,9 @@ kafka_bridge_send(PG_FUNCTION_ARGS)
 	Oid			value_type = get_fn_expr_argtype(fcinfo->flinfo, 2);
 	StringInfoData buf;
 	char	   *topic;
+	size_t		key_len = 0;
+	size_t		value_len = 0;
+	size_t		record_bytes;
 	XLogRecPtr	lsn;
 
 	if (PG_ARGISNULL(0))
@@ -120,8 +127,9 @@ kafka_bridge_send(PG_FUNCTION_ARGS)
 	{
 		text	   *key = PG_GETARG_TEXT_PP(1);
 
-		pq_sendint32(&buf, VARSIZE_ANY_EXHDR(key));
-		pq_sendbytes(&buf, VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key));
+		key_len = VARSIZE_ANY_EXHDR(key);
+		pq_sendint32(&buf, key_len);
+		pq_sendbytes(&buf, VARDATA_ANY(key), key_len);
 	}
 
 	if (PG_ARGISNULL(2))
@@ -131,24 +139,33 @@ kafka_bridge_send(PG_FUNCTION_ARGS)
 		Jsonb	   *jb = PG_GETARG_JSONB_P(2);
 		char	   *json = JsonbToCString(NULL, &jb->root, VARSIZE_ANY_EXHDR(jb));
 
-		pq_sendint32(&buf, strlen(json));
-		pq_sendbytes(&buf, json, strlen(json));
+		value_len = strlen(json);
+		pq_sendint32(&buf, value_len);
+		pq_sendbytes(&buf, json, value_len);
 	}
 	else
 	{
 		struct varlena *value = PG_GETARG_VARLENA_PP(2);
 
-		pq_sendint32(&buf, VARSIZE_ANY_EXHDR(value));
-		pq_sendbytes(&buf, VARDATA_ANY(value), VARSIZE_ANY_EXHDR(value));
+		value_len = VARSIZE_ANY_EXHDR(value);
+		pq_sendint32(&buf, value_len);
+		pq_sendbytes(&buf, VARDATA_ANY(value), value_len);
 	}
 
-	append_headers(&buf, PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3));
+	record_bytes = append_headers(&buf, PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3),
+								  key_len, value_len);
 
-	if (buf.len > producer_max_bytes())
+	/*
+	 * Measured as librdkafka measures it when the publisher produces the
+	 * record: one it refused there would stop publishing until the limit
+	 * is raised
+	 */
+	if (record_bytes > (size_t) producer_max_bytes())
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("record for topic \"%s\" is %d bytes, more than the producer's limit of %d bytes",
-						topic, buf.len, producer_max_bytes()),
+				 errmsg("record for topic \"%s\" is %zu bytes, more than the producer's limit of %d bytes",
+						topic, record_bytes, producer_max_bytes()),
+				 errdetail("The size counts the key, the value, the headers and Kafka's framing of a record."),
 				 errhint("Send a smaller value, or raise message.max.bytes in kafka_bridge.producer_options (and the topic's max.message.bytes).")));
 
 	lsn = LogLogicalMessage(KB_MESSAGE_PREFIX, buf.data, buf.len, true);

@@ -1,8 +1,9 @@
 # kafka_bridge.send(): a record reaches Kafka if and only if its transaction
 # commits; a rolled-back savepoint drops its sends only; sends and row
 # changes of a transaction arrive in commit order; 100k sends of one
-# transaction all arrive, in order; a send made while the broker is down
-# arrives once it is back; the function is not for PUBLIC.
+# transaction all arrive, in order; a record at the producer's size limit
+# arrives and one a byte larger is refused at once; a send made while the
+# broker is down arrives once it is back; the function is not for PUBLIC.
 use strict;
 use warnings;
 
@@ -60,6 +61,29 @@ $node->safe_psql('postgres', q{
 is_deeply([ map { $_->{key} } @r ], [ '{"id":1}', 'm1', '{"id":2}', 'm2' ],
 	'row events and sends of a transaction arrive in the order they were made');
 
+# a record at the producer's limit (message.max.bytes, 1,000,000 by
+# default) is sent and arrives; one a byte larger is refused by send()
+# itself.  librdkafka counts 36 bytes of framing, the key, the value and
+# each header with its two lengths as varints (70 and 200 take 2 bytes
+# each); a record it refused in the publisher would stop publishing.
+my ($hname, $hvalue) = ('n' x 70, 'v' x 200);
+my $at_limit = 1_000_000 - 36 - 1 - (2 + 70 + 2 + 200);
+my $send_limit = sub {
+	my ($len) = @_;
+	return $node->psql('postgres',
+		"SELECT kafka_bridge.send('regress_send_limit', 'k', repeat('x', $len), '{\"$hname\": \"$hvalue\"}')");
+};
+my ($rc, $out, $err) = $send_limit->($at_limit + 1);
+like($err, qr/record for topic "regress_send_limit" is 1000001 bytes, more than the producer's limit of 1000000 bytes/,
+	'a send one byte over the limit, framing counted, is refused');
+($rc, $out, $err) = $send_limit->($at_limit);
+is($rc, 0, 'a send at the limit is taken');
+$node->safe_psql('postgres', 'INSERT INTO orders VALUES (3, 30)');
+@r = kafka_wait_records('regress_send_limit', 1);
+is(length($r[0]{value} // ''), $at_limit, 'the record at the limit arrives whole');
+@r = kafka_wait_records('regress_send_orders', 5);
+is($r[4]{key}, '{"id":3}', 'and publishing goes on after it');
+
 # 100k sends in one transaction
 $node->safe_psql('postgres',
 	"SELECT count(kafka_bridge.send('regress_send_bulk', i::text, to_jsonb(i))) FROM generate_series(1, 100000) i");
@@ -78,7 +102,7 @@ kafka_start();
 ok((grep { ($_->{key} // '') eq 'while-down' } @r), 'a send made while the broker was down arrives');
 
 # errors and privileges
-my ($rc, $out, $err) = $node->psql('postgres', "SELECT kafka_bridge.send('', 'k', 'v'::text)");
+($rc, $out, $err) = $node->psql('postgres', "SELECT kafka_bridge.send('', 'k', 'v'::text)");
 like($err, qr/invalid Kafka topic name ""/, 'an empty topic is refused');
 ($rc, $out, $err) = $node->psql('postgres', "SELECT kafka_bridge.send('t', 'k', 'v'::text, '{\"h\": 1}')");
 like($err, qr/the value of Kafka record header "h" must be a string or null/, 'a non-string header is refused');
