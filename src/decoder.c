@@ -835,7 +835,7 @@ record_end(LogicalDecodingContext *ctx, KbDecodingData *data,
 
 		kb_publisher_produce(data->publisher, NULL, entry->topic, entry->topic_len,
 							 data->record_key, data->record_key_len,
-							 null_value ? NULL : out->data, out->len, &headers);
+							 null_value ? NULL : out->data, out->len, &headers, 0);
 		data->txn_has_records = true;
 		return;
 	}
@@ -1584,7 +1584,7 @@ replay_row(KbDecodingData *data, StringInfo rec, StringInfo value)
 		.commit_time_len = data->commit_time_len
 	};
 	kb_publisher_produce(data->publisher, NULL, topic, head.topic_len,
-						 key, Max(head.key_len, 0), v, value_len, &headers);
+						 key, Max(head.key_len, 0), v, value_len, &headers, 0);
 }
 
 /*

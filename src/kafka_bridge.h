@@ -275,10 +275,11 @@ extern XLogRecPtr kb_publisher_boundary(KbPublisher *pub);
 extern bool kb_publisher_prepare_topic(KbPublisher *pub, const char *topic, bool compact);
 extern void kb_publisher_flush(KbPublisher *pub);
 extern KbPublishBatch *kb_publisher_batch_new(KbPublisher *pub);
-extern void kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
+extern bool kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 								 const char *topic, int topic_len,
 								 const char *key, int key_len, const char *value, int value_len,
-								 const KbEventHeaders *headers);
+								 const KbEventHeaders *headers, TimestampTz give_up_at);
+extern bool kb_publisher_congested(KbPublisher *pub);
 extern bool kb_publisher_batch_acknowledged(KbPublishBatch *batch);
 extern void kb_publisher_batch_free(KbPublishBatch *batch);
 extern bool kb_publisher_failed(KbPublisher *pub);

@@ -409,16 +409,18 @@ topic_handle(KbPublisher *pub, rd_kafka_t *rk, const char *name, int len,
 }
 
 /*
- * Hand one record to the producing thread, waiting while its ring is full.
- * key and value may be NULL (key_len and value_len are then ignored).  Its
- * acknowledgement counts down batch, or the open transaction's entry when
- * batch is NULL.  row_topic: a topic created for it holds row events (see
- * below).
+ * Hand one record to the producing thread, waiting while its ring is full
+ * (until give_up_at, if not 0: then false, and the record is not
+ * produced).  key and value may be NULL (key_len and value_len are then
+ * ignored).  Its acknowledgement counts down batch, or the open
+ * transaction's entry when batch is NULL.  row_topic: a topic created for
+ * it holds row events (see below).
  */
-static void
+static bool
 produce(KbPublisher *pub, const char *topic, int topic_len,
 		const char *key, int key_len, const char *value, int value_len,
-		const KbRecordHeader *headers, int nheaders, bool row_topic, PendingTxn *batch)
+		const KbRecordHeader *headers, int nheaders, bool row_topic, PendingTxn *batch,
+		TimestampTz give_up_at)
 {
 	rd_kafka_t *rk = kb_kafka_client_handle(pub->client);
 	rd_kafka_topic_t *rkt;
@@ -435,7 +437,7 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 	rkt = is_failed(pub) ? NULL :
 		topic_handle(pub, rk, topic, topic_len, row_topic && key && key_len > 0 && key[0] == '{');
 	if (rkt == NULL)
-		return;
+		return true;
 
 	if (batch == NULL && pub->open_txn == NULL)
 	{
@@ -453,7 +455,16 @@ produce(KbPublisher *pub, const char *topic, int topic_len,
 	pg_atomic_fetch_add_u64(&batch->outstanding, 1);
 	while (!kb_producer_thread_put(pub->thread, rkt, batch, key, key_len,
 								   value, value_len, headers, nheaders))
+	{
+		if (give_up_at != 0 && GetCurrentTimestamp() >= give_up_at)
+		{
+			/* never handed over: nothing to acknowledge */
+			pg_atomic_fetch_sub_u64(&batch->outstanding, 1);
+			return false;
+		}
 		wait_for_thread(pub, &waiting);
+	}
+	return true;
 }
 
 /*
@@ -483,21 +494,22 @@ kb_publisher_produce_send(KbPublisher *pub, const char *frame, int frame_len)
 		headers[i].value = hv_len >= 0 ? pq_getmsgbytes(&in, hv_len) : NULL;
 		headers[i].value_len = Max(hv_len, 0);
 	}
-	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, nheaders,
-			false, NULL);
+	(void) produce(pub, topic, topic_len, key, key_len, value, value_len, headers, nheaders,
+				   false, NULL, 0);
 	pfree(headers);
 }
 
 /*
  * Produce a row event of batch (NULL: of the transaction being decoded) to
  * topic, which is created as a row topic if need be.  key NULL is a null
- * key, value NULL a tombstone.
+ * key, value NULL a tombstone.  With give_up_at (not 0), false when the
+ * producer had no room for it by then: it was not produced.
  */
-void
+bool
 kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 					 const char *topic, int topic_len,
 					 const char *key, int key_len, const char *value, int value_len,
-					 const KbEventHeaders *eh)
+					 const KbEventHeaders *eh, TimestampTz give_up_at)
 {
 	KbRecordHeader headers[5];
 	int			n = 0;
@@ -515,8 +527,8 @@ kb_publisher_produce(KbPublisher *pub, KbPublishBatch *batch,
 	if (eh->commit_time)
 		ADD_HEADER(KB_HEADER_COMMIT_TIME, commit_time);
 #undef ADD_HEADER
-	produce(pub, topic, topic_len, key, key_len, value, value_len, headers, n, true,
-			(PendingTxn *) batch);
+	return produce(pub, topic, topic_len, key, key_len, value, value_len, headers, n, true,
+				   (PendingTxn *) batch, give_up_at);
 }
 
 /* The transaction whose records were just produced committed at end_lsn. */
@@ -908,6 +920,16 @@ kb_publisher_batch_new(KbPublisher *pub)
 	pg_atomic_init_u64(&batch->outstanding, 0);
 	batch->wake = true;
 	return (KbPublishBatch *) batch;
+}
+
+/*
+ * Whether librdkafka's queue is full (the broker is slow or away): a
+ * snapshot chunk would then wait for room with its table locked.
+ */
+bool
+kb_publisher_congested(KbPublisher *pub)
+{
+	return kb_producer_thread_queue_full(pub->thread);
 }
 
 /* Whether a delivery failed: the worker starts the publisher again. */

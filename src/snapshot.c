@@ -10,12 +10,15 @@
  * transaction that
  *
  *	1. locks the table in SHARE mode, with a short lock_timeout (on timeout
- *	   it gives up and tries again after the next round of decoding, so
- *	   writers never queue long behind it);
+ *	   it gives up and tries again a second later, so writers never queue
+ *	   long behind it, nor often);
  *	2. reads the rows whose key is above snapshot_upto, in key order,
  *	   at most kafka_bridge.snapshot_chunk_rows of them and for at most
  *	   kafka_bridge.snapshot_chunk_time, and produces each as a PUT event
- *	   with the producer the stream uses;
+ *	   with the producer the stream uses (waiting for room in the
+ *	   producer within that time too: while the broker is slow or away
+ *	   the chunk ends early, and none starts while librdkafka's queue is
+ *	   full);
  *	3. moves snapshot_upto to the last key read (state "running", or
  *	   "finishing" once no row is left) and commits, which releases the
  *	   lock.
@@ -387,10 +390,16 @@ row_commit_time(TransactionId xmin, char *text)
 	JsonEncodeDateTime(text, TimestampTzGetDatum(ts), TIMESTAMPTZOID, &utc);
 }
 
-/* Produce one row (whose xmin is given) as a PUT record of the chunk. */
-static void
-produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionId xmin)
+/*
+ * Produce one row (whose xmin is given) as a PUT record of the chunk.
+ * False when the producer had no room for it by give_up_at (if not 0):
+ * the row is then not produced, nor counted.
+ */
+static bool
+produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionId xmin,
+			TimestampTz give_up_at)
 {
+	bool		produced;
 	StringInfo	value = &c->value;
 	char		seq[MAXINT8LEN + 1];
 	KbEventHeaders headers;
@@ -424,13 +433,16 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionI
 	headers.commit_time_len = strlen(c->commit_time);
 	/* a flat record is keyed by its event type */
 	if (c->format == KB_FORMAT_FLAT)
-		kb_publisher_produce(pub, c->batch, c->topic, strlen(c->topic),
-							 c->event, strlen(c->event),
-							 value->data, value->len, &headers);
+		produced = kb_publisher_produce(pub, c->batch, c->topic, strlen(c->topic),
+										c->event, strlen(c->event),
+										value->data, value->len, &headers, give_up_at);
 	else
-		kb_publisher_produce(pub, c->batch, c->topic, strlen(c->topic),
-							 c->key_json.data, c->key_json.len,
-							 value->data, value->len, &headers);
+		produced = kb_publisher_produce(pub, c->batch, c->topic, strlen(c->topic),
+										c->key_json.data, c->key_json.len,
+										value->data, value->len, &headers, give_up_at);
+	if (!produced)
+		c->rows--;
+	return produced;
 }
 
 /* The key of a row (its key columns' values) as text: the new snapshot_upto. */
@@ -549,6 +561,18 @@ typedef struct ChunkReceiver
 	bool		stopped;		/* at the deadline, rows left behind */
 } ChunkReceiver;
 
+/*
+ * How a chunk ended: done (committed, maybe with rows left for the next);
+ * or given up with nothing read, for the lock (writers hold the table) or
+ * for room in the producer (the broker is slow or away).
+ */
+typedef enum ChunkOutcome
+{
+	CHUNK_DONE,
+	CHUNK_NO_LOCK,
+	CHUNK_NO_ROOM
+} ChunkOutcome;
+
 static bool
 chunk_receive(TupleTableSlot *slot, DestReceiver *self)
 {
@@ -562,9 +586,22 @@ chunk_receive(TupleTableSlot *slot, DestReceiver *self)
 		r->values[r->columns[i] - 1] = slot->tts_values[i];
 		r->nulls[r->columns[i] - 1] = slot->tts_isnull[i];
 	}
+	/*
+	 * While the producer has no room (the broker is slow or away), the
+	 * chunk waits for it no longer than its time, with the table locked;
+	 * it then ends before this row.  A table without a key cannot stop
+	 * half-way.
+	 */
 	old = MemoryContextSwitchTo(r->row_cxt);
-	produce_row(r->pub, c, r->values, r->nulls,
-				DatumGetTransactionId(slot->tts_values[r->ncolumns]));
+	if (!produce_row(r->pub, c, r->values, r->nulls,
+					 DatumGetTransactionId(slot->tts_values[r->ncolumns]),
+					 c->key.nkeys > 0 ? r->deadline : 0))
+	{
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(r->row_cxt);
+		r->stopped = true;
+		return false;
+	}
 	MemoryContextSwitchTo(old);
 	MemoryContextReset(r->row_cxt);
 	if (c->key.nkeys > 0)
@@ -659,6 +696,8 @@ static MemoryContext snapshot_cxt = NULL;
 static List *in_flight = NIL;	/* InFlight, oldest first, in snapshot_cxt */
 static bool need_reset = true;
 static bool woken = false;
+/* a chunk gave up (lock, room): no other before this, woken or not */
+static TimestampTz retry_at = 0;
 
 /* the last chunk acknowledged, not yet recorded in snapshot_acked */
 static Oid	acked_relid = InvalidOid;
@@ -753,10 +792,9 @@ report(int status_slot, const char *fmt,...)
 
 /*
  * Run one chunk of the snapshot of table relid, in the current
- * transaction (SPI connected).  Returns false when the lock was not
- * granted in time: the caller then rolls back.
+ * transaction (SPI connected).  Unless it is done, the caller rolls back.
  */
-static bool
+static ChunkOutcome
 run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 {
 	Chunk		c = {0};
@@ -786,7 +824,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	}
 	PG_END_TRY();
 	if (!locked)
-		return false;
+		return CHUNK_NO_LOCK;
 	locked_at = GetCurrentTimestamp();
 	(void) set_config_option("lock_timeout", "0", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
@@ -796,7 +834,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	if (!read_publication(&c, relid))
 	{
 		PopActiveSnapshot();
-		return true;
+		return CHUNK_DONE;
 	}
 	c.rel = relation_open(relid, NoLock);
 	c.relname = pstrdup(RelationGetRelationName(c.rel));
@@ -816,6 +854,14 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 												   c.relname));
 	upto = key_array(&c, produce_chunk(pub, &c));
 	kb_publisher_flush(pub);
+	if (c.rows == 0 && !c.exhausted)
+	{
+		/* no room for its first row in time: nothing done */
+		PopActiveSnapshot();
+		relation_close(c.rel, NoLock);
+		kb_publisher_batch_free(c.batch);
+		return CHUNK_NO_ROOM;
+	}
 	/* rows not produced must not count as read */
 	if (kb_publisher_failed(pub))
 		ereport(ERROR,
@@ -849,7 +895,7 @@ run_chunk(KbPublisher *pub, int status_slot, Oid relid, XLogRecPtr boundary)
 	report(status_slot, "snapshot of table \"%s\": %lld of about %lld rows",
 		   c.relname, (long long) (c.rows_before + c.rows),
 		   (long long) Max(c.estimate, c.rows_before + c.rows));
-	return true;
+	return CHUNK_DONE;
 }
 
 /*
@@ -957,17 +1003,29 @@ run_step(StepWork work, KbPublisher *pub, int status_slot, InFlight *f, XLogRecP
 			relid = next_snapshot(&topic, &flat);
 			PopActiveSnapshot();
 			*busy = OidIsValid(relid);
-			/* the topic first, while the table's writers need not wait */
-			if (*busy)
+			/*
+			 * Not while librdkafka's queue is full: the chunk would wait for
+			 * room with the table locked.  The topic first, while the
+			 * table's writers need not wait.
+			 */
+			if (*busy && kb_publisher_congested(pub))
+				commit = false;
+			else if (*busy)
 				commit = kb_publisher_prepare_topic(pub, topic, !flat) &&
-					run_chunk(pub, status_slot, relid, boundary);
+					run_chunk(pub, status_slot, relid, boundary) == CHUNK_DONE;
+			/* given up: the next try after KB_SNAPSHOT_LOOK_MS, not at once */
+			if (*busy && !commit)
+			{
+				*busy = false;
+				retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_SNAPSHOT_LOOK_MS);
+			}
 		}
 		SPI_finish();
 		if (commit)
 			CommitTransactionCommand();
 		else
 		{
-			/* writers hold the table: let them, try after the next round */
+			/* writers hold the table, or the broker is slow: try later */
 			AbortCurrentTransaction();
 			in_flight = list_truncate(in_flight, in_flight_before);
 		}
@@ -1056,6 +1114,8 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 		return KB_SNAPSHOT_WAITING;
 
 	now = GetCurrentTimestamp();
+	if (now < retry_at)
+		return idle;
 	if (now < next_look && !woken)
 		return idle;
 	/* woken too soon after the last look: come back shortly, not at next_look */

@@ -3,7 +3,10 @@
 # second for its locks (each statement's duration is measured by the
 # writer), B, which syncs the table, ends with A's rows, and the topic got
 # every row again from the snapshot.  A snapshot interrupted by a restart of
-# the server resumes where it stood.  The servers run with
+# the server resumes where it stood.  A broker outage in the middle of a
+# snapshot never keeps the table locked; a writer's transaction left open
+# does not have the chunk's lock requests hold back the other writers.
+# The servers run with
 # default_transaction_isolation = 'repeatable read', which the workers
 # override.
 use strict;
@@ -12,6 +15,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use List::Util;
 use Time::HiRes qw(usleep);
 use KafkaBridgeTest;
 
@@ -161,6 +165,69 @@ for my $table (qw(odd loose))
 		$table eq 'odd' ? '30000 0 0' : '1200 0 0',
 		"$table: the topic holds each row once, as the table holds it (records, extra, missing)");
 }
+
+# ---- a broker outage in the middle of a snapshot ----
+# The first chunk (50,000 rows) cannot fit in librdkafka's queue (10,000
+# records) and the producer's ring while the broker is away: it ends at
+# snapshot_chunk_time with the rows it produced, and no chunk starts while
+# the queue is full, so the table is never locked for the outage.
+$a->safe_psql('postgres', q{
+	ALTER SYSTEM RESET kafka_bridge.snapshot_chunk_rows;
+	ALTER SYSTEM RESET kafka_bridge.snapshot_chunk_time;
+	SELECT pg_reload_conf();
+});
+my $outage_from = scalar(kafka_scan($topic));
+kafka_stop();
+$a->safe_psql('postgres', "SELECT kafka_bridge.snapshot('item')");
+sleep 3;
+my @waits = map {
+	my $t0 = [ Time::HiRes::gettimeofday() ];
+	my ($rc, $out, $err) = $a->psql('postgres',
+		"SET lock_timeout = '3s'; UPDATE item SET v = v + 1 WHERE id = $_");
+	$rc == 0 ? Time::HiRes::tv_interval($t0) * 1000 : 1e9;
+	} 1 .. 20;
+my $slowest = List::Util::max(@waits);
+cmp_ok($slowest, '<', 1000, "broker away: 20 UPDATEs during the snapshot, none waited a second (slowest $slowest ms)");
+like($a->safe_psql('postgres', "SELECT state || ' ' || (rows_done > 0) FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	qr/^running true$/, 'broker away: the snapshot stands at the rows produced so far');
+kafka_start();
+ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	'the broker back: the snapshot completes');
+my %fourth = %{ snapshot_ids([ kafka_scan($topic) ], $outage_from) };
+is(scalar(keys %fourth), $rows, 'the snapshot through the outage published every row');
+kb_converge($a, $b, 'item', 'B holds the same rows as A after the outage');
+
+# ---- a writer's transaction left open ----
+# The chunk cannot get its lock; while its request waits (100 ms), new
+# writers queue behind it.  It tries again a second later, not at once:
+# the other writers are held back about a tenth of the time (an UPDATE
+# that took over 50 ms counts as held back), not all of it.
+my $holder = $a->background_psql('postgres', on_error_stop => 1);
+$holder->query_safe('BEGIN; UPDATE item SET v = v + 1 WHERE id = 2;');
+$a->safe_psql('postgres', "SELECT kafka_bridge.snapshot('item')");
+my ($updates_open, $held_ms) = split /\|/, $a->safe_psql('postgres', q{
+	DO $$
+	DECLARE
+	  t0 timestamptz; took float8; n int := 0; held float8 := 0;
+	  until_ts timestamptz := clock_timestamp() + interval '4 s';
+	BEGIN
+	  WHILE clock_timestamp() < until_ts LOOP
+	    t0 := clock_timestamp();
+	    UPDATE item SET v = v + 1 WHERE id = 3;
+	    took := extract(epoch FROM clock_timestamp() - t0) * 1000;
+	    IF took > 50 THEN held := held + took; END IF;
+	    n := n + 1;
+	    COMMIT;
+	  END LOOP;
+	  PERFORM set_config('regress.result', n || '|' || round(held::numeric), false);
+	END $$;
+	SELECT current_setting('regress.result');});
+note "an open writer: $updates_open UPDATEs in 4 s, held back $held_ms ms in all";
+cmp_ok($held_ms, '<', 1000, "an open writer's transaction: the chunk's tries held other writers back $held_ms ms of 4 s");
+$holder->query_safe('COMMIT;');
+$holder->quit;
+ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
+	'the writer done: the snapshot completes');
 
 $_->stop for ($a, $b);
 done_testing();
