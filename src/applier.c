@@ -685,24 +685,29 @@ headers_json(rd_kafka_message_t *msg)
 	return buf.data;
 }
 
+/*
+ * A row of kafka_bridge.dead_letters: a record at offset of the partition
+ * (msg: its key, value and headers; NULL for records no longer there).
+ */
 static void
-store_dead_letter(PartitionProgress *ps, rd_kafka_message_t *msg, const char *reason)
+insert_dead_letter(PartitionProgress *ps, int64 offset, rd_kafka_message_t *msg,
+				   const char *reason)
 {
 	Oid			types[8] = {OIDOID, TEXTOID, INT4OID, INT8OID, BYTEAOID, BYTEAOID, TEXTOID, TEXTOID};
 	Datum		values[8];
 	char		nulls[8] = "        ";
-	char	   *headers = headers_json(msg);
+	char	   *headers = msg ? headers_json(msg) : NULL;
 
 	values[0] = ObjectIdGetDatum(ps->sub->relid);
 	values[1] = CStringGetTextDatum(ps->key.topic);
-	values[2] = Int32GetDatum(msg->partition);
-	values[3] = Int64GetDatum(msg->offset);
+	values[2] = Int32GetDatum(ps->key.partition);
+	values[3] = Int64GetDatum(offset);
 	/* the raw bytes: text and bytea share their layout, without a check */
-	if (msg->key)
+	if (msg && msg->key)
 		values[4] = PointerGetDatum(cstring_to_text_with_len(msg->key, msg->key_len));
 	else
 		nulls[4] = 'n';
-	if (msg->payload)
+	if (msg && msg->payload)
 		values[5] = PointerGetDatum(cstring_to_text_with_len(msg->payload, msg->len));
 	else
 		nulls[5] = 'n';
@@ -721,6 +726,50 @@ store_dead_letter(PartitionProgress *ps, rd_kafka_message_t *msg, const char *re
 	if (ps->last_error)
 		pfree(ps->last_error);
 	ps->last_error = MemoryContextStrdup(ap.subs_cxt, reason);
+}
+
+static void
+store_dead_letter(PartitionProgress *ps, rd_kafka_message_t *msg, const char *reason)
+{
+	insert_dead_letter(ps, msg->offset, msg, reason);
+}
+
+/*
+ * A record past the next one expected: compaction removed the records in
+ * between (later ones with the same keys follow), unless the partition now
+ * starts past the offset expected.  Then records were deleted (by the
+ * topic's retention, or on request) before this instance applied them,
+ * and the consumer went on from the first one left: the changes they
+ * carried are missing here.  Nothing can bring them back, but it is said,
+ * once, where a loss is looked for: a dead letter at the first offset
+ * missed, and the log.
+ */
+static void
+check_records_deleted(PartitionProgress *ps, rd_kafka_message_t *msg)
+{
+	rd_kafka_t *rk = kb_kafka_client_handle(ap.client);
+	int64		low;
+	int64		high;
+	int64		last;
+	char	   *reason;
+
+	if (rd_kafka_get_watermark_offsets(rk, ps->key.topic, ps->key.partition,
+									   &low, &high) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+		low <= ps->new_next)
+		return;
+	last = Min(low, msg->offset) - 1;
+	reason = psprintf("the records at offsets %lld to %lld were deleted from the topic "
+					  "(by its retention, or on request) before this instance applied them; "
+					  "the changes they carried are missing from the table",
+					  (long long) ps->new_next, (long long) last);
+	insert_dead_letter(ps, ps->new_next, NULL, reason);
+	ereport(LOG,
+			(errmsg("kafka_bridge applier: %lld records of partition %d of topic \"%s\" were deleted before they were applied",
+					(long long) (last - ps->new_next + 1), ps->key.partition, ps->key.topic),
+			 errdetail("Offsets %lld to %lld; the partition now starts at offset %lld.",
+					   (long long) ps->new_next, (long long) last, (long long) low),
+			 errhint("Raise the topic's retention.ms above the longest time an instance may be stopped; to bring table \"%s\" up to date, run kafka_bridge.snapshot() on the instance that publishes it.",
+					 get_rel_name(ps->sub->relid) ? get_rel_name(ps->sub->relid) : "?")));
 }
 
 /*
@@ -1107,6 +1156,8 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 								key.partition, key.topic, (long long) msgs[i]->offset,
 								(long long) ps->new_next),
 						 errdetail("The topic was deleted and created again, or its records were deleted; records already applied are recognised by their origin and position.")));
+			if (ps->new_next >= 0 && msgs[i]->offset > ps->new_next)
+				check_records_deleted(ps, msgs[i]);
 			MemoryContextSwitchTo(ap.record_cxt);
 			apply_one(ps, msgs[i], careful);
 			MemoryContextSwitchTo(spi_cxt);
@@ -1288,7 +1339,6 @@ kb_applier_loop(int status_slot, const char *dbname)
 
 	/* like core's apply workers: ordinary triggers and rules do not fire */
 	SetConfigOption("session_replication_role", "replica", PGC_SUSET, PGC_S_OVERRIDE);
-	SetConfigOption("search_path", "", PGC_SUSET, PGC_S_OVERRIDE);
 	/* a commit lost in a crash is applied again from Kafka, as core's apply workers do */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	kb_conflict_writer = GetUserId();

@@ -68,10 +68,12 @@
 #include "access/commit_ts.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
+#include "access/stratnum.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/pg_index.h"
 #include "catalog/pg_inherits.h"
+#include "catalog/pg_operator.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "nodes/params.h"
@@ -465,6 +467,101 @@ key_text(Chunk *c, Datum *key)
 }
 
 /*
+ * The operator of strategy (BTGreaterStrategyNumber, ...) in the default
+ * btree operator class of a key column's type, the one by which ORDER BY
+ * sorts the column, written OPERATOR(schema.name): the name alone would be
+ * looked up through search_path, where another schema could hold an
+ * operator of that name for the type.
+ */
+static char *
+key_operator(Form_pg_attribute att, int16 strategy)
+{
+	TypeCacheEntry *tc = lookup_type_cache(att->atttypid, TYPECACHE_BTREE_OPFAMILY);
+	Oid			opr = InvalidOid;
+	HeapTuple	tuple;
+	Form_pg_operator form;
+	char	   *result;
+
+	if (OidIsValid(tc->btree_opf))
+		opr = get_opfamily_member(tc->btree_opf, tc->btree_opintype, tc->btree_opintype,
+								  strategy);
+	if (!OidIsValid(opr))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("cannot snapshot table \"%s\" in key order",
+						get_rel_name(att->attrelid)),
+				 errdetail("The type %s of its key column \"%s\" has no default btree operator class.",
+						   format_type_be(att->atttypid), NameStr(att->attname))));
+	tuple = SearchSysCache1(OPEROID, ObjectIdGetDatum(opr));
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for operator %u", opr);
+	form = (Form_pg_operator) GETSTRUCT(tuple);
+	result = psprintf("OPERATOR(%s.%s)", quote_identifier(get_namespace_name(form->oprnamespace)),
+					  NameStr(form->oprname));
+	ReleaseSysCache(tuple);
+	return result;
+}
+
+/*
+ * The condition "key above the parameters": a row comparison with one
+ * qualified operator when every key column's greater-than operator has
+ * the same schema and name (nearly always pg_catalog.>); else spelled out
+ * column by column, (a > $1) OR (a = $1 AND (b > $2)), under a >= on the
+ * first column, which an index scan can start from.
+ */
+static void
+append_key_above(StringInfo sql, TupleDesc desc, SnapshotKey *key, char **params)
+{
+	char	  **gt = palloc(sizeof(char *) * key->nkeys);
+	bool		one_operator = true;
+	StringInfoData cols;
+	StringInfoData args;
+	StringInfoData expanded;
+
+	for (int i = 0; i < key->nkeys; i++)
+	{
+		gt[i] = key_operator(TupleDescAttr(desc, key->attnums[i] - 1), BTGreaterStrategyNumber);
+		one_operator &= strcmp(gt[i], gt[0]) == 0;
+	}
+	if (one_operator)
+	{
+		initStringInfo(&cols);
+		initStringInfo(&args);
+		for (int i = 0; i < key->nkeys; i++)
+		{
+			appendStringInfo(&cols, "%s%s", i ? ", " : "",
+							 quote_identifier(NameStr(TupleDescAttr(desc, key->attnums[i] - 1)->attname)));
+			appendStringInfo(&args, "%s%s", i ? ", " : "", params[i]);
+		}
+		/* a row comparison, even of one column: the same path for all */
+		appendStringInfo(sql, " WHERE ROW(%s) %s ROW(%s)", cols.data, gt[0], args.data);
+		return;
+	}
+
+	/* from the last column back: (c_i > p_i) OR (c_i = p_i AND (...)) */
+	initStringInfo(&expanded);
+	for (int i = key->nkeys - 1; i >= 0; i--)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, key->attnums[i] - 1);
+		const char *col = quote_identifier(NameStr(att->attname));
+		char	   *inner = pstrdup(expanded.data);
+
+		resetStringInfo(&expanded);
+		if (inner[0] == '\0')
+			appendStringInfo(&expanded, "%s %s %s", col, gt[i], params[i]);
+		else
+			appendStringInfo(&expanded, "%s %s %s OR (%s %s %s AND (%s))",
+							 col, gt[i], params[i],
+							 col, key_operator(att, BTEqualStrategyNumber), params[i], inner);
+	}
+	appendStringInfo(sql, " WHERE %s %s %s AND (%s)",
+					 quote_identifier(NameStr(TupleDescAttr(desc, key->attnums[0] - 1)->attname)),
+					 key_operator(TupleDescAttr(desc, key->attnums[0] - 1),
+								  BTGreaterEqualStrategyNumber),
+					 params[0], expanded.data);
+}
+
+/*
  * The query of a chunk: the rows above snapshot_upto, in key order, each
  * column the table has (in *columns, its attribute numbers) then the row's
  * xmin.  Fills the parameters from snapshot_upto.
@@ -475,7 +572,7 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 	TupleDesc	desc = RelationGetDescr(c->rel);
 	StringInfoData sql;
 	StringInfoData cols;
-	StringInfoData params;
+	char	  **params;
 	bool		from_start = c->nupto != c->key.nkeys;
 
 	for (int i = 0; i < c->nupto && !from_start; i++)
@@ -508,7 +605,7 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 		return sql.data;
 
 	initStringInfo(&cols);
-	initStringInfo(&params);
+	params = palloc(sizeof(char *) * c->key.nkeys);
 	if (!from_start)
 		*params_out = makeParamList(c->key.nkeys);
 	for (int i = 0; i < c->key.nkeys; i++)
@@ -517,9 +614,9 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 
 		appendStringInfo(&cols, "%s%s", i ? ", " : "", quote_identifier(NameStr(att->attname)));
 		/* compared under the column's collation, as the output plugin does */
-		appendStringInfo(&params, "%s$%d", i ? ", " : "", i + 1);
-		if (OidIsValid(att->attcollation))
-			appendStringInfo(&params, " COLLATE %s", generate_collation_name(att->attcollation));
+		params[i] = OidIsValid(att->attcollation)
+			? psprintf("$%d COLLATE %s", i + 1, generate_collation_name(att->attcollation))
+			: psprintf("$%d", i + 1);
 		if (!from_start)
 		{
 			Oid			input;
@@ -534,7 +631,8 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 		}
 	}
 	if (!from_start)
-		appendStringInfo(&sql, " WHERE (%s) > (%s)", cols.data, params.data);
+		append_key_above(&sql, desc, &c->key, params);
+	/* sorted by the types' default btree classes, found by type, not by name */
 	c->limit = kb_snapshot_chunk_rows;
 	appendStringInfo(&sql, " ORDER BY %s LIMIT %d", cols.data, c->limit);
 	return sql.data;
@@ -950,7 +1048,9 @@ finish_snapshot(int status_slot, InFlight *f)
 		return;
 	table = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	rows = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-	report(status_slot, "snapshot of table \"%s\" done: %lld rows", table, rows);
+	/* by its name alone, as the progress before (the log qualifies it) */
+	report(status_slot, "snapshot of table \"%s\" done: %lld rows",
+		   get_rel_name(f->relid) ? get_rel_name(f->relid) : table, rows);
 	ereport(LOG,
 			(errmsg("kafka_bridge published the snapshot of table %s: %lld rows", table, rows)));
 }

@@ -426,6 +426,13 @@ kafka_bridge_worker_main(Datum arg)
 	 * row as it stands when it writes it.
 	 */
 	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
+
+	/*
+	 * Names in the workers' SQL resolve in pg_catalog alone, as in core's
+	 * apply workers: a schema of search_path cannot slip in an operator or
+	 * function of the same name (the workers run as a superuser).
+	 */
+	SetConfigOption("search_path", "", PGC_SUSET, PGC_S_OVERRIDE);
 	kb_status_set_latch(my_slot, MyDatabaseId, MyLatch);
 
 	PG_TRY();

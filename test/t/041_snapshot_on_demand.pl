@@ -5,7 +5,9 @@
 # every row again from the snapshot.  A snapshot interrupted by a restart of
 # the server resumes where it stood.  A broker outage in the middle of a
 # snapshot never keeps the table locked; a writer's transaction left open
-# does not have the chunk's lock requests hold back the other writers.
+# does not have the chunk's lock requests hold back the other writers.  A
+# key of columns whose operators live in two schemas, and an operator of
+# the same name as the key's earlier in search_path.
 # The servers run with
 # default_transaction_isolation = 'repeatable read', which the workers
 # override.
@@ -137,16 +139,23 @@ $a->safe_psql('postgres', q{
 	CREATE TABLE loose (a int, b text);
 	ALTER TABLE loose REPLICA IDENTITY FULL;
 	INSERT INTO loose SELECT g % 100, 'b' || g FROM generate_series(1, 1200) g;
+	-- a key whose columns' ordering operators are in two schemas
+	CREATE SCHEMA ext;
+	CREATE EXTENSION citext SCHEMA ext;
+	CREATE TABLE mixed (tenant int, name ext.citext, n int, PRIMARY KEY (tenant, name));
+	INSERT INTO mixed SELECT g % 3, CASE WHEN g % 2 = 0 THEN 'N' ELSE 'n' END || g, g
+	  FROM generate_series(1, 15000) g;
 	SELECT kafka_bridge.publish('odd', topic => 'regress_odd');
 	SELECT kafka_bridge.publish('loose', topic => 'regress_loose');
+	SELECT kafka_bridge.publish('mixed', topic => 'regress_mixed');
 });
-ok($a->poll_query_until('postgres', "SELECT bool_and(state = 'done') FROM kafka_bridge.snapshots WHERE table_name IN ('odd'::regclass, 'loose'::regclass)"),
-	'A: the snapshots of odd and loose are done');
+ok($a->poll_query_until('postgres', "SELECT bool_and(state = 'done') FROM kafka_bridge.snapshots WHERE table_name IN ('odd'::regclass, 'loose'::regclass, 'mixed'::regclass)"),
+	'A: the snapshots of odd, loose and mixed are done');
 like($a->safe_psql('postgres', q{SELECT string_agg(rows_done::text, ' ' ORDER BY table_name::text)
 	FROM kafka_bridge.snapshots WHERE table_name IN ('odd'::regclass, 'loose'::regclass)}),
 	qr/^1200 30000$/, 'A: rows_done counts every row of each');
 # what the topics hold, compared with the tables by PostgreSQL itself
-for my $table (qw(odd loose))
+for my $table (qw(odd loose mixed))
 {
 	my $file = $a->basedir . "/$table.rows";
 	open(my $fh, '>', $file) or die "cannot write $file: $!";
@@ -162,7 +171,7 @@ for my $table (qw(odd loose))
 		SELECT (SELECT count(*) FROM got) || ' '
 		    || (SELECT count(*) FROM (SELECT row FROM got EXCEPT ALL SELECT to_jsonb(x) FROM $table x) d) || ' '
 		    || (SELECT count(*) FROM (SELECT to_jsonb(x) FROM $table x EXCEPT ALL SELECT row FROM got) d)}),
-		$table eq 'odd' ? '30000 0 0' : '1200 0 0',
+		{ odd => '30000 0 0', loose => '1200 0 0', mixed => '15000 0 0' }->{$table},
 		"$table: the topic holds each row once, as the table holds it (records, extra, missing)");
 }
 
@@ -228,6 +237,28 @@ $holder->query_safe('COMMIT;');
 $holder->quit;
 ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
 	'the writer done: the snapshot completes');
+
+# ---- an operator of the same name earlier in search_path ----
+# The chunk's key comparison names its operators with their schema, and
+# the workers' search_path is empty: evil.> is never what runs.
+$a->safe_psql('postgres', q{
+	CREATE SCHEMA evil;
+	CREATE FUNCTION evil.gt(int, int) RETURNS bool LANGUAGE plpgsql AS
+	  $$ BEGIN RAISE EXCEPTION 'hijacked: evil.> ran as %', current_user; END $$;
+	CREATE OPERATOR evil.> (leftarg = int, rightarg = int, function = evil.gt);
+	CREATE TABLE public.guarded (id int PRIMARY KEY);
+	INSERT INTO public.guarded SELECT generate_series(1, 1000);
+	ALTER SYSTEM SET search_path = evil, pg_catalog;
+	ALTER SYSTEM SET kafka_bridge.snapshot_chunk_rows = 10;
+	SELECT pg_reload_conf();
+});
+# the worker has taken the reload (it wakes on the signal) before publish()
+sleep 2;
+$a->safe_psql('postgres', "SELECT kafka_bridge.publish('public.guarded', topic => 'regress_guarded')");
+ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'public.guarded'::regclass"),
+	'search_path with evil first: the snapshot of guarded is done, in 100 chunks');
+is(scalar(kafka_scan('regress_guarded')), 1000, 'guarded: every row published');
+unlike(slurp_file($a->logfile), qr/(ERROR:  |snapshot: )hijacked/, 'evil.> never ran');
 
 $_->stop for ($a, $b);
 done_testing();
