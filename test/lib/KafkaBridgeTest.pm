@@ -156,7 +156,8 @@ sub kb_wait_slot
 
 # ---- Helpers of the apply tests (03*.pl): writing records with kcat ----
 
-push @EXPORT, qw(kafka_produce kb_md5 kb_applier kafka_create_topic kafka_alter_topic);
+push @EXPORT, qw(kafka_produce kb_md5 kb_applier kafka_create_topic kafka_alter_topic
+  kafka_delete_records);
 
 # Write records to a topic with kcat, in order: a list of { key, value,
 # headers => [ name => value, ... ], partition (default 0) }.  An undefined
@@ -225,18 +226,28 @@ sub kb_md5
 		"SELECT count(*) || ':' || coalesce(md5(string_agg(kb_row::text, ',' ORDER BY $order)), '') FROM $table kb_row");
 }
 
-# Create a topic with a number of partitions (and a topic setting such as
-# 'max.message.bytes=512', if given), with Kafka's own TopicCommand from the
-# jars scripts/kafka fetched.
-sub kafka_create_topic
+# Run one of Kafka's own command-line tools (a Java class) from the jars
+# scripts/kafka fetched, against the broker; dies with its output if it
+# fails.
+sub _kafka_tool
 {
-	my ($topic, $partitions, $config) = @_;
+	my ($what, $class, $args) = @_;
 	my $cache = _env('KAFKA_BRIDGE_CACHE');
 	my ($libs) = glob("$cache/kafka-*/libs");
 	die "no Kafka jars under $cache" unless $libs;
+	my $out = `java -cp '$libs/*' $class --bootstrap-server @{[kafka_bootstrap()]} $args 2>&1`;
+	die "cannot $what: $out" if $? != 0;
+	return;
+}
+
+# Create a topic with a number of partitions (and a topic setting such as
+# 'max.message.bytes=512', if given), with Kafka's own TopicCommand.
+sub kafka_create_topic
+{
+	my ($topic, $partitions, $config) = @_;
 	my $extra = defined $config ? "--config '$config'" : '';
-	my $out = `java -cp '$libs/*' org.apache.kafka.tools.TopicCommand --bootstrap-server @{[kafka_bootstrap()]} --create --topic '$topic' --partitions $partitions --replication-factor 1 $extra 2>&1`;
-	die "cannot create topic $topic: $out" if $? != 0;
+	_kafka_tool("create topic $topic", 'org.apache.kafka.tools.TopicCommand',
+		"--create --topic '$topic' --partitions $partitions --replication-factor 1 $extra");
 	note "created topic $topic with $partitions partitions";
 	return;
 }
@@ -246,12 +257,24 @@ sub kafka_create_topic
 sub kafka_alter_topic
 {
 	my ($topic, $config) = @_;
-	my $cache = _env('KAFKA_BRIDGE_CACHE');
-	my ($libs) = glob("$cache/kafka-*/libs");
-	die "no Kafka jars under $cache" unless $libs;
-	my $out = `java -cp '$libs/*' kafka.admin.ConfigCommand --bootstrap-server @{[kafka_bootstrap()]} --alter --entity-type topics --entity-name '$topic' --add-config '$config' 2>&1`;
-	die "cannot alter topic $topic: $out" if $? != 0;
+	_kafka_tool("alter topic $topic", 'kafka.admin.ConfigCommand',
+		"--alter --entity-type topics --entity-name '$topic' --add-config '$config'");
 	note "topic $topic: $config";
+	return;
+}
+
+# Delete the records of a partition below an offset, as retention would,
+# with Kafka's own DeleteRecordsCommand: the partition then starts there.
+sub kafka_delete_records
+{
+	my ($topic, $partition, $before) = @_;
+	my $file = PostgreSQL::Test::Utils::tempdir() . '/delete-records.json';
+	open(my $fh, '>', $file) or die "cannot write $file: $!";
+	print $fh qq({"version":1,"partitions":[{"topic":"$topic","partition":$partition,"offset":$before}]});
+	close $fh;
+	_kafka_tool("delete records of topic $topic", 'org.apache.kafka.tools.DeleteRecordsCommand',
+		"--offset-json-file '$file'");
+	note "topic $topic partition $partition: records below offset $before deleted";
 	return;
 }
 

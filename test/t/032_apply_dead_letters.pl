@@ -12,7 +12,8 @@
 # and bad records consumed in one go (with and without the publisher's
 # headers) lose no good record; an apply_role without the rights gives
 # dead letters until it is granted them; after a restart no dead letter
-# is written twice.
+# is written twice; records deleted from the topic before they were
+# applied are named in a dead letter and the log.
 use strict;
 use warnings;
 
@@ -467,6 +468,28 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM kafka_bridge.dead_letters'
 	'and writes no dead letter twice');
 is($node->safe_psql('postgres', q{SELECT string_agg(id::text, ',' ORDER BY id) FROM client}),
 	'1,2,4,5,8,11,12', 'and applies nothing again');
+
+# ---- records deleted before they were applied ----
+# While the server is stopped, ids 3 to 12 go to offsets 2 to 11 and the
+# records below offset 7 are deleted, as retention would: the applier goes
+# on from offset 7 and says what it could not apply (compaction's gaps,
+# where later records with the same keys follow, say nothing).
+$node->stop;
+kafka_produce('regress_dl_guarded',
+	map { { key => qq({"id":$_}), value => qq({"event":"GUARDED-PUT","row":{"id":$_,"v":"r"}}) } } 3 .. 12);
+kafka_delete_records('regress_dl_guarded', 0, 7);
+$node->start;
+ok($node->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_guarded WHERE id = 12'),
+	'records deleted: the applier goes on from the first record left');
+is($node->safe_psql('postgres', 'SELECT string_agg(id::text, \',\' ORDER BY id) FROM regress_guarded'),
+	'2,8,9,10,11,12', 'ids 3 to 7 are missing');
+is($node->safe_psql('postgres', q{SELECT "offset" || ' ' || (key IS NULL AND value IS NULL) || ' ' || reason
+		FROM kafka_bridge.dead_letters WHERE topic = 'regress_dl_guarded' AND "offset" > 0}),
+	'2 true the records at offsets 2 to 6 were deleted from the topic (by its retention, or on request) before this instance applied them; the changes they carried are missing from the table',
+	'a dead letter at the first offset missed says which records were lost');
+like(slurp_file($node->logfile),
+	qr/5 records of partition 0 of topic "regress_dl_guarded" were deleted before they were applied.*\n.*DETAIL:  Offsets 2 to 6; the partition now starts at offset 7/,
+	'and so does the log');
 
 $node->stop;
 done_testing();
