@@ -240,19 +240,7 @@ kb_key_text(int nkeys, const Datum *values, const Oid *types)
 
 	for (int k = 0; k < nkeys && guc_level < 0; k++)
 		if (!text_form_is_fixed(types[k]))
-		{
-			guc_level = NewGUCNestLevel();
-			(void) set_config_option("DateStyle", "ISO, YMD", PGC_USERSET, PGC_S_SESSION,
-									 GUC_ACTION_SAVE, true, 0, false);
-			(void) set_config_option("IntervalStyle", "postgres", PGC_USERSET, PGC_S_SESSION,
-									 GUC_ACTION_SAVE, true, 0, false);
-			(void) set_config_option("TimeZone", "UTC", PGC_USERSET, PGC_S_SESSION,
-									 GUC_ACTION_SAVE, true, 0, false);
-			(void) set_config_option("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION,
-									 GUC_ACTION_SAVE, true, 0, false);
-			(void) set_config_option("bytea_output", "hex", PGC_USERSET, PGC_S_SESSION,
-									 GUC_ACTION_SAVE, true, 0, false);
-		}
+			guc_level = kb_fix_text_settings();
 
 	initStringInfo(&buf);
 	appendStringInfoChar(&buf, '[');

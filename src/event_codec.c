@@ -30,6 +30,7 @@
 #include "nodes/bitmapset.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/datetime.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
@@ -280,6 +281,30 @@ append_special_float(StringInfo buf, double value)
 	else
 		return false;
 	return true;
+}
+
+/*
+ * Fix, until AtEOXact_GUC(false, the level returned), the settings the
+ * text forms of values follow (dates and times, intervals, floats, bytea),
+ * as pg_dump does: a text form written then reads back the same in any
+ * session, and is the same text wherever it was written.
+ */
+int
+kb_fix_text_settings(void)
+{
+	int			guc_level = NewGUCNestLevel();
+
+	(void) set_config_option("DateStyle", "ISO, YMD", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("IntervalStyle", "postgres", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("TimeZone", "UTC", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("bytea_output", "hex", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return guc_level;
 }
 
 /* Append the JSON encoding of a non-null value. */

@@ -233,6 +233,7 @@ extern size_t kb_record_wire_size(size_t key_len, size_t value_len,
 #define KB_VALUE_KIND_TEXT		't'
 #define KB_VALUE_KIND_BYTES		'b'
 
+extern int	kb_fix_text_settings(void);
 extern char *kb_default_topic(const char *relname);
 extern char *kb_default_event_prefix(const char *relname);
 

@@ -447,12 +447,19 @@ produce_row(KbPublisher *pub, Chunk *c, Datum *values, bool *nulls, TransactionI
 	return produced;
 }
 
-/* The key of a row (its key columns' values) as text: the new snapshot_upto. */
+/*
+ * The key of a row (its key columns' values) as text: the new
+ * snapshot_upto, written with the settings text forms follow fixed, so
+ * that the next chunk reads it back as the same values, whatever the
+ * worker's settings (extra_float_digits = 0 would round a float key, and
+ * the next chunk could pass over rows).
+ */
 static char **
 key_text(Chunk *c, Datum *key)
 {
 	char	  **text = palloc(sizeof(char *) * c->key.nkeys);
 	TupleDesc	desc = RelationGetDescr(c->rel);
+	int			guc_level = kb_fix_text_settings();
 
 	for (int i = 0; i < c->key.nkeys; i++)
 	{
@@ -463,6 +470,7 @@ key_text(Chunk *c, Datum *key)
 		getTypeOutputInfo(att->atttypid, &output, &varlena);
 		text[i] = OidOutputFunctionCall(output, key[i]);
 	}
+	AtEOXact_GUC(false, guc_level);
 	return text;
 }
 
@@ -573,6 +581,7 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 	StringInfoData sql;
 	StringInfoData cols;
 	char	  **params;
+	int			guc_level = -1;
 	bool		from_start = c->nupto != c->key.nkeys;
 
 	for (int i = 0; i < c->nupto && !from_start; i++)
@@ -607,7 +616,11 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 	initStringInfo(&cols);
 	params = palloc(sizeof(char *) * c->key.nkeys);
 	if (!from_start)
+	{
 		*params_out = makeParamList(c->key.nkeys);
+		/* snapshot_upto is read under the settings it was written with */
+		guc_level = kb_fix_text_settings();
+	}
 	for (int i = 0; i < c->key.nkeys; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, c->key.attnums[i] - 1);
@@ -631,7 +644,10 @@ chunk_query(Chunk *c, int *ncolumns, AttrNumber **columns, ParamListInfo *params
 		}
 	}
 	if (!from_start)
+	{
+		AtEOXact_GUC(false, guc_level);
 		append_key_above(&sql, desc, &c->key, params);
+	}
 	/* sorted by the types' default btree classes, found by type, not by name */
 	c->limit = kb_snapshot_chunk_rows;
 	appendStringInfo(&sql, " ORDER BY %s LIMIT %d", cols.data, c->limit);

@@ -7,7 +7,8 @@
 # snapshot never keeps the table locked; a writer's transaction left open
 # does not have the chunk's lock requests hold back the other writers.  A
 # key of columns whose operators live in two schemas, and an operator of
-# the same name as the key's earlier in search_path.
+# the same name as the key's earlier in search_path; a float key under
+# extra_float_digits = 0.
 # The servers run with
 # default_transaction_isolation = 'repeatable read', which the workers
 # override.
@@ -237,6 +238,25 @@ $holder->query_safe('COMMIT;');
 $holder->quit;
 ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'item'::regclass"),
 	'the writer done: the snapshot completes');
+
+# ---- a float key under extra_float_digits = 0 ----
+# Six keys just below 2 all print as "2" with 15 digits: a chunk of one
+# row that wrote its last key that way would have the next one start
+# above 2, past the other five.  snapshot_upto is written with the text
+# settings fixed.
+$a->safe_psql('postgres', q{
+	ALTER SYSTEM SET extra_float_digits = 0;
+	ALTER SYSTEM SET kafka_bridge.snapshot_chunk_rows = 1;
+	SELECT pg_reload_conf();
+	CREATE TABLE floaty (k float8 PRIMARY KEY);
+	INSERT INTO floaty SELECT 2 - g * 2.220446049250313e-16 FROM generate_series(0, 5) g;
+});
+sleep 2;	# the worker has taken the reload
+$a->safe_psql('postgres', "SELECT kafka_bridge.publish('floaty', topic => 'regress_floaty')");
+ok($a->poll_query_until('postgres', "SELECT state = 'done' FROM kafka_bridge.snapshots WHERE table_name = 'floaty'::regclass"),
+	'extra_float_digits = 0: the snapshot of floaty is done');
+is(scalar(kafka_scan('regress_floaty')), 6, 'floaty: each of the 6 rows published, in chunks of one row');
+$a->safe_psql('postgres', 'ALTER SYSTEM RESET extra_float_digits; SELECT pg_reload_conf()');
 
 # ---- an operator of the same name earlier in search_path ----
 # The chunk's key comparison names its operators with their schema, and
