@@ -137,6 +137,33 @@ SELECT kafka_bridge.apply_event('regress_conflict', '{"id":7}',
 SELECT kafka_bridge.apply_event('regress_conflict', '{"id":8}',
   '{"event":"REGRESS_CONFLICT-PUT","row":{"id":8,"v":"y"}}', 'another', '2099-01-02 00:00:00+00');
 ROLLBACK;
+-- a prepared transaction would keep the origin on the session
+BEGIN;
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":7}',
+  '{"event":"REGRESS_CONFLICT-PUT","row":{"id":7,"v":"x"}}', 'elsewhere', '2099-01-02 00:00:00+00');
+PREPARE TRANSACTION 'regress_apply_event';
+SELECT pg_replication_origin_session_is_setup() AS origin_left_on_session;
+-- the table's code runs restricted, and what it sets is undone
+CREATE FUNCTION regress_meddle() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_catalog.set_config('search_path', 'regress_meddled', false);
+  IF NEW.v = 'temp' THEN
+    CREATE TEMP TABLE regress_left_behind (x int);
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER regress_meddle BEFORE INSERT ON regress_conflict
+  FOR EACH ROW EXECUTE FUNCTION regress_meddle();
+ALTER TABLE regress_conflict ENABLE ALWAYS TRIGGER regress_meddle;
+SHOW search_path;
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":10}',
+  '{"event":"REGRESS_CONFLICT-PUT","row":{"id":10,"v":"x"}}', 'elsewhere', '2099-01-03 00:00:00+00');
+SHOW search_path;
+SELECT kafka_bridge.apply_event('regress_conflict', '{"id":11}',
+  '{"event":"REGRESS_CONFLICT-PUT","row":{"id":11,"v":"temp"}}', 'elsewhere', '2099-01-04 00:00:00+00');
+SELECT count(*) AS temp_tables_left FROM pg_class WHERE relname = 'regress_left_behind';
+DROP TRIGGER regress_meddle ON regress_conflict;
+DROP FUNCTION regress_meddle();
 -- refused
 SELECT kafka_bridge.apply_event('regress_sub_nokey', '{}', '{}');
 SELECT kafka_bridge.apply_event('regress_conflict', '{"id":9}',

@@ -1041,7 +1041,7 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 	if (!careful)
 	{
 		/* an error here rolls the whole batch back, and the user with it */
-		SetUserIdAndSecContext(ps->sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+		SetUserIdAndSecContext(ps->sub->apply_role, save_sec | KB_APPLY_SEC_CONTEXT);
 		outcome = kb_apply_record(ps->sub, &rec, true, &reason);
 		SetUserIdAndSecContext(save_userid, save_sec);
 	}
@@ -1051,7 +1051,7 @@ apply_one(PartitionProgress *ps, rd_kafka_message_t *msg, bool careful)
 		MemoryContextSwitchTo(cxt);
 		PG_TRY();
 		{
-			SetUserIdAndSecContext(ps->sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+			SetUserIdAndSecContext(ps->sub->apply_role, save_sec | KB_APPLY_SEC_CONTEXT);
 			outcome = kb_apply_record(ps->sub, &rec, false, &reason);
 			SetUserIdAndSecContext(save_userid, save_sec);
 			ReleaseCurrentSubTransaction();

@@ -672,7 +672,7 @@ chunk_run(PlanKind kind, Bitmapset *columns, const bool *mask)
 		if (bms_is_member(chunk.column_index[j], columns))
 			arrays[n++] = chunk_array(j, mask);
 	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(chunk.apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	SetUserIdAndSecContext(chunk.apply_role, save_sec | KB_APPLY_SEC_CONTEXT);
 	run_plan(t, kind, columns, arrays, NULL);
 	SetUserIdAndSecContext(save_userid, save_sec);
 }

@@ -46,6 +46,15 @@ extern const char *kb_conflict_policy_name(KbConflictPolicy policy);
 extern int	kb_version_cmp(const KbVersion *a, const KbVersion *b);
 extern RepOriginId kb_origin_for_instance(const char *instance, bool manual);
 extern void kb_row_version(TransactionId xmin, const KbVersion *current, KbVersion *v);
+/*
+ * The security context in which a table's own code (triggers, defaults,
+ * checks, policies, index expressions) runs for an applied event, as the
+ * subscription's apply_role: restricted, as core's apply workers run it,
+ * so that it cannot leave temporary objects, prepared statements or held
+ * cursors in the session that runs the next events.
+ */
+#define KB_APPLY_SEC_CONTEXT (SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION)
+
 extern char *kb_key_text(int nkeys, const Datum *values, const Oid *types);
 extern bool kb_tombstone_find(Oid relid, const char *key, KbVersion *v);
 extern void kb_tombstones_find(Oid relid, int n, char **keys, bool *found, KbVersion *v);

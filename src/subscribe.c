@@ -547,6 +547,12 @@ static bool apply_event_origin_set = false;
 static void
 apply_event_xact_end(XactEvent event, void *arg)
 {
+	/* a prepared transaction would leave the origin on the session */
+	if (apply_event_origin_set && event == XACT_EVENT_PRE_PREPARE)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot prepare a transaction that applied events with kafka_bridge.apply_event()"),
+				 errhint("Commit it instead.")));
 	if (!apply_event_origin_set ||
 		(event != XACT_EVENT_COMMIT && event != XACT_EVENT_ABORT &&
 		 event != XACT_EVENT_PARALLEL_COMMIT && event != XACT_EVENT_PARALLEL_ABORT))
@@ -667,11 +673,23 @@ kafka_bridge_apply_event(PG_FUNCTION_ARGS)
 							 GUC_ACTION_SAVE, true, 0, false);
 	kb_conflict_writer = GetUserId();
 	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(sub->apply_role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-	outcome = kb_apply_record(sub, &rec, false, &reason);
-	SetUserIdAndSecContext(save_userid, save_sec);
-	kb_conflict_writer = save_writer;
-	AtEOXact_GUC(true, nestlevel);
+	PG_TRY();
+	{
+		SetUserIdAndSecContext(sub->apply_role, save_sec | KB_APPLY_SEC_CONTEXT);
+		outcome = kb_apply_record(sub, &rec, false, &reason);
+		SetUserIdAndSecContext(save_userid, save_sec);
+	}
+	PG_FINALLY();
+	{
+		kb_conflict_writer = save_writer;
+	}
+	PG_END_TRY();
+
+	/*
+	 * What the table's code set, even for the session, is undone with ours:
+	 * the caller is a superuser, whose next statements it must not steer
+	 */
+	AtEOXact_GUC(false, nestlevel);
 	SPI_finish();
 
 	PG_RETURN_TEXT_P(cstring_to_text(outcome == KB_APPLY_APPLIED ? "applied" :
