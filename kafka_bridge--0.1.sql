@@ -332,6 +332,7 @@ COMMENT ON TABLE kafka_bridge.conflicts IS
 CREATE FUNCTION kafka_bridge.record_tombstone()
 RETURNS trigger
 LANGUAGE C SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'kafka_bridge_record_tombstone';
 
 CREATE FUNCTION kafka_bridge.subscribe(

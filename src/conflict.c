@@ -28,9 +28,12 @@
 #include "access/commit_ts.h"
 #include "access/genam.h"
 #include "access/htup_details.h"
+#include "access/table.h"
 #include "access/transam.h"
 #include "access/xact.h"
+#include "catalog/indexing.h"
 #include "catalog/pg_index.h"
+#include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -41,6 +44,7 @@
 #include "utils/guc.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
 #include "utils/fmgrprotos.h"
 #include "utils/hsearch.h"
 #include "utils/json.h"
@@ -558,6 +562,65 @@ kb_prune_conflicts(void)
  * applier's own writes do not fire it (session_replication_role = replica):
  * it records remote deletes itself, with their version.
  */
+/*
+ * The table whose subscription a tombstone trigger serves: the one it was
+ * created on, which for a partition's clone of it is the partitioned
+ * table's, up the triggers' tgparentid chain (the applier looks
+ * tombstones up by the subscribed table).  Remembered by trigger.
+ */
+static Oid
+subscribed_relid(Trigger *trigger, Relation rel)
+{
+	static HTAB *roots = NULL;
+	typedef struct
+	{
+		Oid			tgoid;
+		Oid			relid;
+	}			Root;
+	Root	   *root;
+	bool		found;
+	Oid			tgoid = trigger->tgoid;
+	Oid			relid = RelationGetRelid(rel);
+
+	if (!trigger->tgisclone)
+		return relid;
+	if (roots == NULL)
+	{
+		HASHCTL		ctl = {.keysize = sizeof(Oid),.entrysize = sizeof(Root)};
+
+		roots = hash_create("kafka_bridge tombstone triggers", 16, &ctl,
+							HASH_ELEM | HASH_BLOBS);
+	}
+	root = hash_search(roots, &trigger->tgoid, HASH_FIND, NULL);
+	if (root != NULL)
+		return root->relid;
+	for (;;)
+	{
+		Relation	tgrel = table_open(TriggerRelationId, AccessShareLock);
+		ScanKeyData skey;
+		SysScanDesc scan;
+		HeapTuple	tuple;
+		Oid			parent;
+
+		ScanKeyInit(&skey, Anum_pg_trigger_oid, BTEqualStrategyNumber, F_OIDEQ,
+					ObjectIdGetDatum(tgoid));
+		scan = systable_beginscan(tgrel, TriggerOidIndexId, true, NULL, 1, &skey);
+		tuple = systable_getnext(scan);
+		if (!HeapTupleIsValid(tuple))
+			elog(ERROR, "could not find trigger %u", tgoid);
+		relid = ((Form_pg_trigger) GETSTRUCT(tuple))->tgrelid;
+		parent = ((Form_pg_trigger) GETSTRUCT(tuple))->tgparentid;
+		systable_endscan(scan);
+		table_close(tgrel, AccessShareLock);
+		if (!OidIsValid(parent))
+			break;
+		tgoid = parent;
+	}
+	root = hash_search(roots, &trigger->tgoid, HASH_ENTER, &found);
+	root->relid = relid;
+	return relid;
+}
+
 Datum
 kafka_bridge_record_tombstone(PG_FUNCTION_ARGS)
 {
@@ -571,6 +634,7 @@ kafka_bridge_record_tombstone(PG_FUNCTION_ARGS)
 	Oid		   *keytypes;
 	bool		changed = false;
 	char	   *key;
+	Oid			subscribed;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
 		!TRIGGER_FIRED_AFTER(trigdata->tg_event) || !TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
@@ -619,11 +683,13 @@ kafka_bridge_record_tombstone(PG_FUNCTION_ARGS)
 		return PointerGetDatum(NULL);
 
 	key = kb_key_text(nkeys, keyvals, keytypes);
+	subscribed = subscribed_relid(trigdata->tg_trigger, rel);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	{
 		Oid			types[3] = {OIDOID, TEXTOID, XID8OID};
-		Datum		values[3] = {ObjectIdGetDatum(RelationGetRelid(rel)), CStringGetTextDatum(key),
+		Datum		values[3] = {ObjectIdGetDatum(subscribed),
+			CStringGetTextDatum(key),
 		FullTransactionIdGetDatum(GetTopFullTransactionId())};
 
 		run_plan(&plan, "INSERT INTO kafka_bridge.tombstones AS t (relid, key, xid) "
@@ -631,7 +697,7 @@ kafka_bridge_record_tombstone(PG_FUNCTION_ARGS)
 				 "commit_time = NULL, origin = NULL, xid = excluded.xid, recorded_at = pg_catalog.now()",
 				 3, types, values, NULL, false);
 	}
-	tombstone_written(RelationGetRelid(rel));
+	tombstone_written(subscribed);
 	SPI_finish();
 	return PointerGetDatum(NULL);
 }
