@@ -234,6 +234,7 @@ extern void kb_publisher_ensure_slot(void);
 extern void kb_publisher_drop_slot(void);
 extern KbPublisher *kb_publisher_start(int status_slot, KbKafkaClient *client);
 extern void kb_publisher_stop(KbPublisher *pub);
+extern void kb_publisher_stop_producing(KbPublisher *pub);
 extern bool kb_publisher_step(KbPublisher *pub, int budget_ms,
 							  char *error, size_t error_size);
 extern bool kb_publisher_caught_up(KbPublisher *pub);

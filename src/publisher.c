@@ -729,14 +729,8 @@ kb_publisher_stop(KbPublisher *pub)
 {
 	if (pub == NULL)
 		return;
-	/* nothing is produced from here on, no acknowledgement served until the next poll */
-	kb_producer_thread_stop(pub->thread);
+	kb_publisher_stop_producing(pub);
 	report_acknowledged(pub);
-	/* the thread is stopped: no record names a handle any more */
-	for (int i = 0; i < pub->nhandles; i++)
-		rd_kafka_topic_destroy(pub->handles[i]->rkt);
-	for (int i = 0; i < pub->nretired; i++)
-		rd_kafka_topic_destroy(pub->retired[i].rkt);
 	if (pub->ctx)
 		FreeDecodingContext(pub->ctx);
 	if (MyReplicationSlot != NULL)
@@ -746,6 +740,28 @@ kb_publisher_stop(KbPublisher *pub)
 	if (current == pub)
 		current = NULL;
 	pfree(pub);
+}
+
+/*
+ * Stop the producing thread and let go of the topic handles: nothing is
+ * produced from here on, no acknowledgement served until the next poll.
+ * Touches no PostgreSQL state: the worker's exit calls it too, so that no
+ * thread of librdkafka's runs while exit() cleans up the libraries.
+ */
+void
+kb_publisher_stop_producing(KbPublisher *pub)
+{
+	if (pub == NULL || pub->thread == NULL)
+		return;
+	kb_producer_thread_stop(pub->thread);
+	pub->thread = NULL;
+	/* the thread is stopped: no record names a handle any more */
+	for (int i = 0; i < pub->nhandles; i++)
+		rd_kafka_topic_destroy(pub->handles[i]->rkt);
+	for (int i = 0; i < pub->nretired; i++)
+		rd_kafka_topic_destroy(pub->retired[i].rkt);
+	pub->nhandles = 0;
+	pub->nretired = 0;
 }
 
 /*

@@ -39,6 +39,25 @@
 
 static int	my_slot = -1;
 
+typedef struct WorkerState WorkerState;
+static WorkerState *running_state = NULL;	/* for worker_kafka_at_exit */
+static void drop_kafka_at_exit(WorkerState *w);
+
+/*
+ * At the worker's exit, however it comes (an error, a signal, shutdown):
+ * the producing thread stopped and librdkafka's handle destroyed, so that
+ * none of their threads runs while exit() cleans up the libraries (SSL).
+ * Registered before the connection to the database, it runs after
+ * PostgreSQL's own clean-up of the session.
+ */
+static void
+worker_kafka_at_exit(int code, Datum arg)
+{
+	if (running_state != NULL)
+		drop_kafka_at_exit(running_state);
+	running_state = NULL;
+}
+
 static void
 worker_on_exit(int code, Datum arg)
 {
@@ -112,7 +131,7 @@ probe_brokers(KbKafkaClient *client, const char *dbname, bool keep_activity)
 }
 
 /* What the worker holds between two turns of its loop. */
-typedef struct WorkerState
+struct WorkerState
 {
 	const char *dbname;
 	char	   *client_id;
@@ -128,7 +147,7 @@ typedef struct WorkerState
 	TimestampTz flush_moved_at; /* when that last moved */
 	bool		memory_to_return;	/* busy since malloc_trim last ran */
 	TimestampTz trimmed_at;		/* when it last ran */
-} WorkerState;
+};
 
 /* Drop the publisher and the producer; both are built again later. */
 static void
@@ -136,6 +155,15 @@ drop_kafka(WorkerState *w)
 {
 	kb_publisher_stop(w->pub);
 	w->pub = NULL;
+	kb_kafka_client_destroy(w->client);
+	w->client = NULL;
+}
+
+/* The Kafka part of drop_kafka alone: the process is exiting. */
+static void
+drop_kafka_at_exit(WorkerState *w)
+{
+	kb_publisher_stop_producing(w->pub);
 	kb_kafka_client_destroy(w->client);
 	w->client = NULL;
 }
@@ -282,14 +310,17 @@ return_memory(WorkerState *w)
 static void
 worker_loop(const char *dbname)
 {
-	WorkerState w = {0};
+	/* static: the exit callback finds it after an error left this frame */
+	static WorkerState w;
 	char	   *fingerprint = kb_kafka_settings_fingerprint();
 	MemoryContext loop_cxt = AllocSetContextCreate(TopMemoryContext,
 												   "kafka_bridge worker loop",
 												   ALLOCSET_DEFAULT_SIZES);
 
+	memset(&w, 0, sizeof(w));
 	w.dbname = dbname;
 	w.client_id = psprintf("kafka_bridge-%s-%s", kb_instance_id(), dbname);
+	running_state = &w;
 
 	for (;;)
 	{
@@ -415,6 +446,7 @@ kafka_bridge_worker_main(Datum arg)
 
 	kb_status_set_pid(my_slot, MyProcPid);
 	before_shmem_exit(worker_on_exit, (Datum) 0);
+	before_shmem_exit(worker_kafka_at_exit, (Datum) 0);
 
 	BackgroundWorkerInitializeConnection(dbname, NULL, 0);
 	pgstat_report_appname("kafka_bridge");

@@ -61,5 +61,17 @@ is(scalar(keys %keys), $written, "every one of the $written rows reached the top
 note('records: ' . scalar(@r) . ', duplicates: ' . (scalar(@r) - scalar(keys %keys)));
 ok(kb_wait_state($node, 'connected'), 'status is back to connected');
 
-$node->stop;
+# a fast shutdown while the broker is away and records wait in the
+# producer: the publisher stops its producing thread and destroys
+# librdkafka's handle at exit, promptly and without a crash
+kafka_stop();
+write_batch() for 1 .. 5;
+sleep 1;
+my $t0 = [ Time::HiRes::gettimeofday() ];
+$node->stop('fast');
+my $took = Time::HiRes::tv_interval($t0);
+cmp_ok($took, '<', 15, "a fast shutdown with the broker away and records queued took $took s");
+unlike(slurp_file($node->logfile), qr/was terminated by signal|exited with exit code [^01]/,
+	'no worker crashed on its way out');
+kafka_start();
 done_testing();
