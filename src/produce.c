@@ -67,6 +67,7 @@ static struct
 	uintptr_t	id;				/* 0: nobody waits */
 	bool		done;
 	rd_kafka_resp_err_t err;
+	rd_kafka_msg_status_t status;	/* persisted, possibly, or not */
 	int32		partition;
 	int64		offset;
 } awaited;
@@ -85,6 +86,7 @@ produce_delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opa
 		return;
 	awaited.done = true;
 	awaited.err = msg->err;
+	awaited.status = rd_kafka_message_status(msg);
 	awaited.partition = msg->partition;
 	awaited.offset = msg->offset;
 }
@@ -355,7 +357,8 @@ failure_sqlstate(rd_kafka_resp_err_t err)
  */
 static void
 report_failure(rd_kafka_t *rk, const char *topic, rd_kafka_resp_err_t err,
-			   bool local, size_t record_bytes, const char *limit)
+			   rd_kafka_msg_status_t status, bool local, size_t record_bytes,
+			   const char *limit)
 {
 	char		fatal[512];
 
@@ -384,6 +387,14 @@ report_failure(rd_kafka_t *rk, const char *topic, rd_kafka_resp_err_t err,
 				 errdetail("Its key, value and headers take %zu bytes: %s.",
 						   record_bytes, rd_kafka_err2str(err)),
 				 errhint("Send a smaller record, or raise the topic's max.message.bytes on the brokers.")));
+	/* sent, but no answer came: the broker may have written it */
+	if (status == RD_KAFKA_MSG_STATUS_POSSIBLY_PERSISTED)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("the delivery of a record to Kafka topic \"%s\" is in doubt", topic),
+				 errdetail("%s; the record was sent, and the broker may have written it.",
+						   rd_kafka_err2str(err)),
+				 errhint("Calling again may write it twice: look in the topic first, or have its consumers ignore duplicates.")));
 	ereport(ERROR,
 			(errcode(failure_sqlstate(err)),
 			 errmsg("could not deliver a record to Kafka topic \"%s\"", topic),
@@ -507,7 +518,7 @@ kafka_bridge_produce(PG_FUNCTION_ARGS)
 		/* the headers stay ours when producev fails */
 		rd_kafka_headers_destroy(hdrs);
 		awaited.id = 0;
-		report_failure(rk, topic, err, true, record_bytes, limit);
+		report_failure(rk, topic, err, RD_KAFKA_MSG_STATUS_NOT_PERSISTED, true, record_bytes, limit);
 	}
 
 	/*
@@ -546,7 +557,7 @@ kafka_bridge_produce(PG_FUNCTION_ARGS)
 	awaited.id = 0;
 
 	if (awaited.err != RD_KAFKA_RESP_ERR_NO_ERROR)
-		report_failure(rk, topic, awaited.err, false, record_bytes, limit);
+		report_failure(rk, topic, awaited.err, awaited.status, false, record_bytes, limit);
 
 	values[0] = Int32GetDatum(awaited.partition);
 	values[1] = Int64GetDatum(awaited.offset);

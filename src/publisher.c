@@ -697,8 +697,10 @@ kb_publisher_start(int status_slot, KbKafkaClient *client)
 	/* the decoding context must outlive the transaction that creates it */
 	caller_cxt = CurrentMemoryContext;
 	StartTransactionCommand();
-	old = MemoryContextSwitchTo(TopMemoryContext);
+	/* the options live as long as the context, freed with the publisher */
+	old = MemoryContextSwitchTo(pub->cxt);
 	options = list_make1(makeDefElem("output", (Node *) makeString("kafka"), -1));
+	MemoryContextSwitchTo(TopMemoryContext);
 	pub->ctx = CreateDecodingContext(InvalidXLogRecPtr, options, false,
 									 XL_ROUTINE(.page_read = read_local_xlog_page,
 												.segment_open = wal_segment_open,

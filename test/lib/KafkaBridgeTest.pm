@@ -34,6 +34,23 @@ sub kafka_stop
 	note "Kafka broker stopped";
 }
 
+# Freeze the broker (SIGSTOP) or let it go on (SIGCONT): its connections
+# stay open, so requests sent meanwhile get no answer.
+sub kafka_pause  { _kafka_signal('STOP'); return; }
+sub kafka_resume { _kafka_signal('CONT'); return; }
+
+sub _kafka_signal
+{
+	my ($signal) = @_;
+	my $file = _env('KAFKA_BRIDGE_KAFKA_DIR') . '/broker-1/pid';
+	open(my $fh, '<', $file) or die "cannot read $file: $!";
+	chomp(my $pid = <$fh>);
+	close $fh;
+	kill($signal, $pid) == 1 or die "cannot send SIG$signal to the broker ($pid): $!";
+	note "Kafka broker: SIG$signal";
+	return;
+}
+
 # Start the broker again on the same data and port.
 sub kafka_start
 {
@@ -157,7 +174,7 @@ sub kb_wait_slot
 # ---- Helpers of the apply tests (03*.pl): writing records with kcat ----
 
 push @EXPORT, qw(kafka_produce kb_md5 kb_applier kafka_create_topic kafka_alter_topic
-  kafka_delete_records);
+  kafka_delete_records kafka_pause kafka_resume);
 
 # Write records to a topic with kcat, in order: a list of { key, value,
 # headers => [ name => value, ... ], partition (default 0) }.  An undefined

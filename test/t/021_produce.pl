@@ -163,6 +163,22 @@ $session->quit;
 is_deeply([ map { $_->{value} } kafka_wait_records('regress_produce_reload', 2) ],
 	[ 'one', 'three' ], 'the records of the session');
 
+# ---- a broker that takes the record and does not answer ----
+# The record is sent on a connection the session's producer holds, and the
+# message timeout comes before an answer: produce() says the delivery is
+# in doubt (the broker may have written it), not that it failed.
+set_system('kafka_bridge.producer_options', 'message.timeout.ms=3000');
+my $frozen = $node->background_psql('postgres', on_error_stop => 0);
+is(join('/', bg_query($frozen, q{SELECT "offset" FROM kafka_bridge.produce('regress_produce_doubt', 'first', 'x'::text)})),
+	'0/', 'a session produces before the broker freezes');
+kafka_pause();
+($out, $err) = bg_query($frozen, q{SELECT kafka_bridge.produce('regress_produce_doubt', 'second', 'y'::text)});
+kafka_resume();
+like($err, qr/ERROR:  the delivery of a record to Kafka topic "regress_produce_doubt" is in doubt.*DETAIL:  Local: Message timed out; the record was sent, and the broker may have written it.*HINT:  Calling again may write it twice/s,
+	'a record sent but not answered before the message timeout: the delivery is in doubt');
+$frozen->quit;
+set_system('kafka_bridge.producer_options', undef);
+
 # ---- a stopped broker ----
 # a session whose producer knows the broker and the topic already
 my $held = $node->background_psql('postgres', on_error_stop => 0);
