@@ -146,7 +146,9 @@ REVOKE ALL ON kafka_bridge.published_tables FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.publish(regclass, text, text, text, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.snapshot(regclass) FROM PUBLIC;
 REVOKE ALL ON kafka_bridge.snapshots FROM PUBLIC;
-GRANT SELECT ON kafka_bridge.snapshots TO pg_monitor;
+-- not done_up_to_key: a key is row data, which monitoring roles do not read
+GRANT SELECT (table_name, topic, state, rows_done, rows_estimated, started_at, done_at)
+	ON kafka_bridge.snapshots TO pg_monitor;
 REVOKE ALL ON FUNCTION kafka_bridge.unpublish(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.forget_dropped_tables() FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.published_tables TO pg_monitor;

@@ -158,6 +158,9 @@ SELECT table_name, topic FROM kafka_bridge.published_tables
 GRANT pg_monitor TO regress_kb_other;
 SET ROLE regress_kb_other;
 SELECT count(*) FROM kafka_bridge.published_tables;
+SELECT count(state) FROM kafka_bridge.snapshots;
+-- but not a snapshot's last key, which is row data
+SELECT done_up_to_key FROM kafka_bridge.snapshots;
 RESET ROLE;
 
 -- dropping a published table forgets its publication, whoever drops it
