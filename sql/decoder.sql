@@ -231,7 +231,7 @@ SELECT kafka_bridge.publish('regress_unpublished', topic => 'first', snapshot =>
 INSERT INTO regress_unpublished VALUES (3, 'after publish');
 BEGIN;
 INSERT INTO regress_unpublished VALUES (4, 'same transaction, before');
-SELECT kafka_bridge.publish('regress_unpublished', topic => 'second', event_prefix => 'SECOND');
+SELECT kafka_bridge.publish('regress_unpublished', topic => 'second', event_prefix => 'SECOND', snapshot => false);
 INSERT INTO regress_unpublished VALUES (5, 'same transaction, after');
 COMMIT;
 SELECT kafka_bridge.unpublish('regress_unpublished');

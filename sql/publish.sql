@@ -115,9 +115,15 @@ SELECT kafka_bridge.publish('regress_snap_skip', snapshot => false);
 SELECT table_name, state, rows_done, rows_estimated, done_up_to_key,
        started_at IS NOT NULL AS started, done_at IS NOT NULL AS done
   FROM kafka_bridge.snapshots WHERE table_name::text LIKE 'regress_snap%' ORDER BY 1::text;
--- publishing again keeps the snapshot as it is
-SELECT kafka_bridge.publish('regress_snap_skip', topic => 'snap_skip');
+-- publishing again to the same topic, in the same format, keeps the
+-- snapshot as it is
+SELECT kafka_bridge.publish('regress_snap_skip', event_prefix => 'SKIPPED');
 SELECT state FROM kafka_bridge.snapshots WHERE table_name = 'regress_snap_skip'::regclass;
+-- to another topic, the rows go there too (unless snapshot => false)
+SELECT kafka_bridge.publish('regress_snap_skip', topic => 'snap_skip');
+SELECT topic, state, rows_done FROM kafka_bridge.snapshots WHERE table_name = 'regress_snap_skip'::regclass;
+SELECT kafka_bridge.publish('regress_snap_skip', topic => 'snap_skip_2', snapshot => false);
+SELECT topic, state FROM kafka_bridge.snapshots WHERE table_name = 'regress_snap_skip'::regclass;
 -- snapshot() starts one over, for published tables only
 SELECT kafka_bridge.snapshot('regress_snap_skip');
 SELECT state, rows_done, rows_estimated > 0 AS estimated, done_at IS NULL AS not_done

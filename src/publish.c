@@ -543,7 +543,8 @@ initial_snapshot_state(Relation rel, bool wanted, int64 *estimate)
 
 /*
  * Insert or update the publication of relid.  A new one starts with
- * snapshot_state; an existing one keeps its snapshot as it is.
+ * snapshot_state, and so does an existing one when snapshot_state is not
+ * NULL; else it keeps its snapshot as it is.
  */
 static void
 store_publication(Oid relid, const char *topic, const char *prefix,
@@ -580,6 +581,8 @@ store_publication(Oid relid, const char *topic, const char *prefix,
 		replace[Anum_kb_publications_event_prefix - 1] = true;
 		replace[Anum_kb_publications_format - 1] = true;
 		replace[Anum_kb_publications_tombstones - 1] = true;
+		if (snapshot_state)
+			set_snapshot_columns(values, nulls, replace, snapshot_state, estimate);
 		tuple = heap_modify_tuple(old, desc, values, nulls, replace);
 		CatalogTupleUpdate(catalog, &old->t_self, tuple);
 	}
@@ -610,7 +613,7 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 	bool		tombstones;
 	bool		snapshot;
 	KbPublication existing;
-	const char *snapshot_state = "skipped";
+	const char *snapshot_state = NULL;	/* NULL: the snapshot stays as it is */
 	int64		estimate = 0;
 
 	if (PG_ARGISNULL(0))
@@ -668,8 +671,14 @@ kafka_bridge_publish(PG_FUNCTION_ARGS)
 					 errhint("List the database in kafka_bridge.databases, and wait until kafka_bridge.status shows its worker.")));
 	}
 
-	/* the rows already there, for a new publication (see snapshot.c) */
-	if (!kb_lookup_publication(relid, &existing))
+	/*
+	 * The rows already there, for a new publication (see snapshot.c), and
+	 * again for one that goes to another topic or in another format: the
+	 * consumers of the new topic need them, and a snapshot running for the
+	 * old one starts over (its chunks in flight no longer count)
+	 */
+	if (!kb_lookup_publication(relid, &existing) ||
+		strcmp(existing.topic, topic) != 0 || existing.format != format)
 		snapshot_state = initial_snapshot_state(rel, snapshot, &estimate);
 	store_publication(relid, topic, prefix, format, tombstones, snapshot_state, estimate);
 	kb_invalidate_publication(rel);
