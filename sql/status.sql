@@ -49,6 +49,31 @@ BEGIN
 END $$;
 SELECT count(*) FROM kafka_bridge.status;
 DROP DATABASE regress_kb_missing_db;
+
+-- a listed database that takes no connections is reported, with what to do
+CREATE DATABASE regress_kb_closed ALLOW_CONNECTIONS false;
+ALTER SYSTEM SET kafka_bridge.databases = 'regress_kb_closed';
+SELECT pg_reload_conf();
+DO $$
+BEGIN
+  FOR i IN 1..300 LOOP
+    EXIT WHEN (SELECT count(*) FROM kafka_bridge.status
+                WHERE state = 'error' AND last_error LIKE '%does not allow connections%') = 2;
+    PERFORM pg_sleep(0.1);
+  END LOOP;
+END $$;
+SELECT database, worker, pid, state, last_error
+  FROM kafka_bridge.status ORDER BY worker;
+ALTER SYSTEM SET kafka_bridge.databases = '';
+SELECT pg_reload_conf();
+DO $$
+BEGIN
+  FOR i IN 1..300 LOOP
+    EXIT WHEN NOT EXISTS (SELECT 1 FROM kafka_bridge.status);
+    PERFORM pg_sleep(0.1);
+  END LOOP;
+END $$;
+DROP DATABASE regress_kb_closed;
 ALTER SYSTEM RESET kafka_bridge.databases;
 SELECT pg_reload_conf();
 

@@ -62,14 +62,22 @@ kb_register_launcher(void)
 	RegisterBackgroundWorker(&worker);
 }
 
-/*
- * Whether the database exists.  The launcher has no database, so it scans
- * the shared catalog pg_database without its indexes, as autovacuum does.
- */
-static bool
-database_exists(const char *dbname)
+typedef enum DatabaseState
 {
-	bool		exists = false;
+	DATABASE_OPEN,
+	DATABASE_MISSING,
+	DATABASE_CLOSED				/* ALLOW_CONNECTIONS false */
+} DatabaseState;
+
+/*
+ * Whether a worker can connect to the database.  The launcher has no
+ * database, so it scans the shared catalog pg_database without its
+ * indexes, as autovacuum does.
+ */
+static DatabaseState
+database_state(const char *dbname)
+{
+	DatabaseState state = DATABASE_MISSING;
 	Relation	rel;
 	TableScanDesc scan;
 	HeapTuple	tup;
@@ -79,12 +87,20 @@ database_exists(const char *dbname)
 	(void) GetTransactionSnapshot();
 	rel = table_open(DatabaseRelationId, AccessShareLock);
 	scan = table_beginscan_catalog(rel, 0, NULL);
-	while (!exists && (tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
-		exists = (strcmp(NameStr(((Form_pg_database) GETSTRUCT(tup))->datname), dbname) == 0);
+	while ((tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		Form_pg_database db = (Form_pg_database) GETSTRUCT(tup);
+
+		if (strcmp(NameStr(db->datname), dbname) == 0)
+		{
+			state = db->datallowconn ? DATABASE_OPEN : DATABASE_CLOSED;
+			break;
+		}
+	}
 	table_endscan(scan);
 	table_close(rel, AccessShareLock);
 	CommitTransactionCommand();
-	return exists;
+	return state;
 }
 
 static void
@@ -185,6 +201,7 @@ reconcile(void)
 		KbWorkerRole role = (KbWorkerRole) (n % KB_NUM_ROLES);
 		LaunchedWorker *lw = find_launched(dbname, role);
 		pid_t		pid;
+		DatabaseState state;
 
 		if (lw == NULL)
 		{
@@ -216,11 +233,17 @@ reconcile(void)
 			continue;
 		}
 
-		if (!database_exists(dbname))
+		state = database_state(dbname);
+		if (state != DATABASE_OPEN)
 		{
-			kb_status_set_error(lw->slot, KB_STATE_ERROR,
-								"database \"%s\" does not exist: create it or remove it from kafka_bridge.databases",
-								dbname);
+			if (state == DATABASE_MISSING)
+				kb_status_set_error(lw->slot, KB_STATE_ERROR,
+									"database \"%s\" does not exist: create it or remove it from kafka_bridge.databases",
+									dbname);
+			else
+				kb_status_set_error(lw->slot, KB_STATE_ERROR,
+									"database \"%s\" does not allow connections: ALTER DATABASE ... ALLOW_CONNECTIONS true, or remove it from kafka_bridge.databases",
+									dbname);
 			lw->retry_at = TimestampTzPlusMilliseconds(now, kb_worker_restart_delay * 1000L);
 			nap = Min(nap, kb_worker_restart_delay * 1000L);
 			continue;
