@@ -1119,21 +1119,25 @@ run_step(StepWork work, KbPublisher *pub, int status_slot, InFlight *f, XLogRecP
 			relid = next_snapshot(&topic, &flat);
 			PopActiveSnapshot();
 			*busy = OidIsValid(relid);
-			/*
-			 * Not while librdkafka's queue is full: the chunk would wait for
-			 * room with the table locked.  The topic first, while the
-			 * table's writers need not wait.
-			 */
-			if (*busy && kb_publisher_congested(pub))
+			/* the topic first, while the table's writers need not wait */
+			if (*busy && !kb_publisher_prepare_topic(pub, topic, !flat))
 				commit = false;
 			else if (*busy)
-				commit = kb_publisher_prepare_topic(pub, topic, !flat) &&
-					run_chunk(pub, status_slot, relid, boundary) == CHUNK_DONE;
-			/* given up: the next try after KB_SNAPSHOT_LOOK_MS, not at once */
-			if (*busy && !commit)
 			{
-				*busy = false;
-				retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_SNAPSHOT_LOOK_MS);
+				ChunkOutcome outcome = run_chunk(pub, status_slot, relid, boundary);
+
+				commit = outcome == CHUNK_DONE;
+				/*
+				 * Writers held the table: the next try a second later, even if
+				 * commits wake the worker before.  (No room for a first row:
+				 * the next try once librdkafka's queue has room again, see
+				 * kb_snapshot_step.)
+				 */
+				if (outcome == CHUNK_NO_LOCK)
+				{
+					*busy = false;
+					retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_SNAPSHOT_LOOK_MS);
+				}
 			}
 		}
 		SPI_finish();
@@ -1240,6 +1244,13 @@ kb_snapshot_step(KbPublisher *pub, int status_slot)
 	boundary = kb_publisher_boundary(pub);
 	if (boundary == InvalidXLogRecPtr)
 		return busy ? KB_SNAPSHOT_READY : idle;
+	/*
+	 * Not while librdkafka's queue is full (the broker is slow, or away): a
+	 * chunk would wait for room with its table locked.  Acknowledgements
+	 * make room; the loop comes back after a short nap.
+	 */
+	if (kb_publisher_congested(pub))
+		return KB_SNAPSHOT_WAITING;
 	woken = false;
 	last_look = now;
 	if (!run_step(STEP_CHUNK, pub, status_slot, NULL, boundary, &busy))
