@@ -22,6 +22,7 @@
 #include <signal.h>
 
 #include "lib/stringinfo.h"
+#include "miscadmin.h"
 #include "postmaster/interrupt.h"
 #include "utils/guc.h"
 #include "utils/elog.h"
@@ -394,7 +395,14 @@ kb_kafka_create_topic(rd_kafka_t *rk, const char *topic, bool compact,
 													   errstr, sizeof(errstr));
 	queue = rd_kafka_queue_new(rk);
 	rd_kafka_CreateTopics(rk, &new_topic, 1, options, queue);
-	event = rd_kafka_queue_poll(queue, KB_CREATE_TOPIC_TIMEOUT_MS + 1000);
+	/* in slices, serving interrupts: a shutdown does not wait for the broker */
+	event = NULL;
+	for (int waited = 0; event == NULL && waited < KB_CREATE_TOPIC_TIMEOUT_MS + 1000; waited += 100)
+	{
+		event = rd_kafka_queue_poll(queue, 100);
+		if (event == NULL)
+			CHECK_FOR_INTERRUPTS();
+	}
 	if (event == NULL)
 		err = RD_KAFKA_RESP_ERR__TIMED_OUT;
 	else if (rd_kafka_event_error(event))
