@@ -144,7 +144,11 @@ parse_start_position(const char *value)
 	return false;				/* keep the compiler quiet */
 }
 
-/* longest wait for the brokers when subscribe() reads where a topic ends */
+/*
+ * Longest wait for the brokers when subscribe() reads where a topic ends,
+ * for the topic's metadata and all its partitions' ends together: librdkafka
+ * waits without serving interrupts, with the subscriptions locked.
+ */
 #define KB_END_TIMEOUT_MS 5000
 
 /*
@@ -166,6 +170,7 @@ store_end_offsets(const char *topic)
 	int			npartitions = 0;
 	int32	   *partitions = NULL;
 	int64	   *ends = NULL;
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), KB_END_TIMEOUT_MS);
 
 	if (kb_bootstrap_servers == NULL || kb_bootstrap_servers[0] == '\0')
 		ereport(ERROR,
@@ -189,20 +194,39 @@ store_end_offsets(const char *topic)
 		snprintf(error, sizeof(error), "%s", rd_kafka_err2str(err));
 	else if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
+		rd_kafka_topic_partition_list_t *list;
+
 		npartitions = md->topics[0].partition_cnt;
 		partitions = palloc(sizeof(int32) * Max(npartitions, 1));
 		ends = palloc(sizeof(int64) * Max(npartitions, 1));
+
+		/*
+		 * Every partition's end in one request a leader: at the "timestamp"
+		 * RD_KAFKA_OFFSET_END, Kafka's ListOffsets answers a partition's end.
+		 * (A query a partition waited up to the whole timeout each for a
+		 * partition whose leader was away.)
+		 */
+		list = rd_kafka_topic_partition_list_new(Max(npartitions, 1));
+		for (int i = 0; i < npartitions; i++)
+			rd_kafka_topic_partition_list_add(list, topic, md->topics[0].partitions[i].id)->offset =
+				RD_KAFKA_OFFSET_END;
+		if (npartitions > 0)
+			err = rd_kafka_offsets_for_times(rk, list,
+											 Max(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline), 1000));
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			snprintf(error, sizeof(error), "%s", rd_kafka_err2str(err));
 		for (int i = 0; i < npartitions && error[0] == '\0'; i++)
 		{
-			int64		low;
-
-			partitions[i] = md->topics[0].partitions[i].id;
-			err = rd_kafka_query_watermark_offsets(rk, topic, partitions[i], &low, &ends[i],
-												   KB_END_TIMEOUT_MS);
-			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			partitions[i] = list->elems[i].partition;
+			ends[i] = list->elems[i].offset;
+			if (list->elems[i].err != RD_KAFKA_RESP_ERR_NO_ERROR)
 				snprintf(error, sizeof(error), "partition %d: %s", partitions[i],
-						 rd_kafka_err2str(err));
+						 rd_kafka_err2str(list->elems[i].err));
+			else if (ends[i] < 0)
+				snprintf(error, sizeof(error), "partition %d: no end offset in the answer",
+						 partitions[i]);
 		}
+		rd_kafka_topic_partition_list_destroy(list);
 	}
 	if (error[0] && kb_kafka_client_last_error(client)[0])
 		strlcat(error, psprintf(" (%s)", kb_kafka_client_last_error(client)), sizeof(error));
