@@ -69,6 +69,19 @@ SELECT kafka_bridge.subscribe('regress_sub_owned');
 SELECT kafka_bridge.subscribe('regress_sub_owned', apply_role => 'regress_sub_other');
 RESET ROLE;
 SELECT table_name, apply_role FROM kafka_bridge.subscribed_tables WHERE table_name = 'regress_sub_owned'::regclass;
+-- a superuser may not make it apply as a role its owner is not a member
+-- of (the table's triggers and defaults run as the apply role)
+SELECT kafka_bridge.subscribe('regress_sub_owned', apply_role => 'regress_sub_other');
+-- and left out, apply_role is the table's owner, not the caller
+SELECT kafka_bridge.subscribe('regress_sub_owned');
+SELECT table_name, apply_role FROM kafka_bridge.subscribed_tables WHERE table_name = 'regress_sub_owned'::regclass;
+GRANT regress_sub_other TO regress_sub_user;
+SELECT kafka_bridge.subscribe('regress_sub_owned', apply_role => 'regress_sub_other');
+SELECT table_name, apply_role FROM kafka_bridge.subscribed_tables WHERE table_name = 'regress_sub_owned'::regclass;
+-- membership is looked at again when events are applied
+REVOKE regress_sub_other FROM regress_sub_user;
+SELECT kafka_bridge.apply_event('regress_sub_owned', '{"id":1}', '{"event":"REGRESS_SUB_OWNED-PUT","row":{"id":1}}');
+SELECT count(*) FROM regress_sub_owned;
 
 -- sync = publish + subscribe of the same topic
 CREATE TABLE regress_sync (id bigint PRIMARY KEY, v text);

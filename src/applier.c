@@ -200,8 +200,9 @@ drop_consumer(void)
 
 /*
  * The subscriptions the applier can serve (in a transaction, SPI
- * connected): one whose apply role was dropped waits, with an error in the
- * status, and nothing of its topic is lost.
+ * connected): one refused (its apply role dropped, or the table's owner
+ * not a member of it) waits, with an error in the status, and nothing of
+ * its topic is lost.
  */
 static List *
 read_subscriptions(bool lock)
@@ -212,12 +213,11 @@ read_subscriptions(bool lock)
 	foreach(lc, subs)
 	{
 		KbSubscription *s = lfirst(lc);
+		char	   *refusal = kb_subscription_refusal(s);
 
-		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->apply_role)))
+		if (refusal)
 		{
-			kb_status_set_error(ap.slot, KB_STATE_ERROR,
-								"the subscription of topic \"%s\" applies as a role that no longer exists: subscribe its table again with an existing apply_role",
-								s->topic);
+			kb_status_set_error(ap.slot, KB_STATE_ERROR, "%s", refusal);
 			subs = foreach_delete_current(subs, lc);
 		}
 		else if (s->policy != KB_POLICY_APPLY_REMOTE && !track_commit_timestamp)

@@ -86,6 +86,9 @@ typedef struct KbSubscription
  */
 extern List *kb_load_subscriptions(bool lock);
 
+/* Why a subscription may not be applied now, or NULL (see subscribe.c). */
+extern char *kb_subscription_refusal(const KbSubscription *s);
+
 /* The sql_drop event trigger's part for subscriptions. */
 extern void kb_forget_dropped_subscriptions(void);
 

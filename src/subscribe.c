@@ -364,12 +364,25 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 		text_to_cstring(PG_GETARG_TEXT_PP(3));
 	kb_check_event_prefix(prefix);
 
-	role = PG_ARGISNULL(4) ? GetUserId() : PG_GETARG_OID(4);
+	/*
+	 * The table's code runs as the apply role: its owner must be a member
+	 * of it too, as the caller (the applier looks again each time).
+	 */
+	role = PG_ARGISNULL(4) ? rel->rd_rel->relowner : PG_GETARG_OID(4);
 	if (!is_member_of_role(GetUserId(), role))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to apply as role \"%s\"", GetUserNameFromId(role, false)),
 				 errdetail("Only members of a role may make the applier write as that role.")));
+	if (!is_member_of_role(rel->rd_rel->relowner, role))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("the owner of table \"%s\" is not a member of role \"%s\"", relname,
+						GetUserNameFromId(role, false)),
+				 errdetail("The table's triggers, defaults and checks run as the apply role: its owner, role \"%s\", would gain the rights of role \"%s\".",
+						   GetUserNameFromId(rel->rd_rel->relowner, false), GetUserNameFromId(role, false)),
+				 errhint("Leave apply_role out to apply as the table's owner, or GRANT \"%s\" TO \"%s\".",
+						 GetUserNameFromId(role, false), GetUserNameFromId(rel->rd_rel->relowner, false))));
 
 	values[0] = ObjectIdGetDatum(relid);
 	values[1] = CStringGetTextDatum(topic);
@@ -564,6 +577,36 @@ kb_load_subscriptions(bool lock)
 	return result;
 }
 
+/*
+ * Why a subscription may not be applied now, or NULL: its apply role was
+ * dropped, or the table's owner is not a member of it.  The table's own
+ * code (triggers, defaults, checks, index expressions), which its owner
+ * writes, runs as the apply role: an owner who may not act as that role
+ * would gain its rights through the applier.  Membership is looked at each
+ * time, so that a REVOKE or a new owner holds from then on.
+ */
+char *
+kb_subscription_refusal(const KbSubscription *s)
+{
+	HeapTuple	tup;
+	Oid			owner;
+
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->apply_role)))
+		return psprintf("the subscription of topic \"%s\" applies as a role that no longer exists: subscribe its table again with an existing apply_role",
+						s->topic);
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(s->relid));
+	if (!HeapTupleIsValid(tup))
+		return NULL;			/* dropped: the event trigger forgets it */
+	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
+	if (!is_member_of_role(owner, s->apply_role))
+		return psprintf("topic \"%s\" is not applied: the owner of table \"%s\", role \"%s\", is not a member of its apply_role \"%s\", which the table's triggers, defaults and checks would run as; GRANT \"%s\" TO \"%s\", or subscribe the table again with an apply_role its owner is a member of",
+						s->topic, get_rel_name(s->relid), GetUserNameFromId(owner, false),
+						GetUserNameFromId(s->apply_role, false),
+						GetUserNameFromId(s->apply_role, false), GetUserNameFromId(owner, false));
+	return NULL;
+}
+
 /* ---- kafka_bridge.apply_event() ---- */
 
 static bool apply_event_origin_set = false;
@@ -636,6 +679,12 @@ kafka_bridge_apply_event(PG_FUNCTION_ARGS)
 				 errmsg("table \"%s\" is not subscribed", get_rel_name(relid)),
 				 errhint("Events are applied to subscribed tables only, with their subscription's format and policy.")));
 
+	reason = kb_subscription_refusal(sub);
+	if (reason)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("events are not applied to table \"%s\" now", get_rel_name(relid)),
+				 errdetail("The applier's reason: %s.", reason)));
 	if (sub->policy != KB_POLICY_APPLY_REMOTE && !track_commit_timestamp)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),

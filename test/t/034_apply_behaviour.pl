@@ -5,7 +5,8 @@
 # column only A has is ignored (and logged once); a column only B has gets
 # its default on insert and keeps its value on update; a record replayed
 # with the same origin and position is skipped; the apply role's
-# privileges and row security hold; a record that comes just after an
+# privileges and row security hold, and its owner must stay a member of
+# the apply role; a record that comes just after an
 # unsubscribe() commits is not applied; a setting a trigger changes for the
 # session does not outlive its batch.
 use strict;
@@ -186,6 +187,43 @@ is( $b->safe_psql('postgres',
 	'row security refuses the row the policy does not allow, and the missing DELETE right refuses the delete');
 is($b->safe_psql('postgres', "SELECT string_agg(id || ':' || owner, ',' ORDER BY id) FROM regress_bh_rights"),
 	'1:mine,3:mine', 'the allowed rows are applied; the refused ones change nothing');
+
+# ---- the table's owner must stay a member of the apply role: the
+#      table's triggers, defaults and checks run as that role.  Revoked,
+#      the topic waits (status says why) and loses nothing; granted again,
+#      it is applied ----
+$b->safe_psql('postgres', q{
+	CREATE ROLE regress_bh_owner;
+	CREATE ROLE regress_bh_writer;
+	GRANT regress_bh_writer TO regress_bh_owner;
+	CREATE TABLE regress_bh_owned (id int PRIMARY KEY, v text);
+	ALTER TABLE regress_bh_owned OWNER TO regress_bh_owner;
+	GRANT SELECT, INSERT, UPDATE, DELETE ON regress_bh_owned TO regress_bh_writer;
+	SELECT kafka_bridge.subscribe('regress_bh_owned', apply_role => 'regress_bh_writer');
+});
+$a->safe_psql('postgres', q{
+	CREATE TABLE regress_bh_owned (id int PRIMARY KEY, v text);
+	SELECT kafka_bridge.publish('regress_bh_owned');
+	INSERT INTO regress_bh_owned VALUES (1, 'while a member');
+});
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_bh_owned'),
+	'owner a member of the apply role: the row is applied');
+$b->safe_psql('postgres', 'REVOKE regress_bh_writer FROM regress_bh_owner');
+ok($b->poll_query_until('postgres',
+		"SELECT last_error LIKE '%owner of table \"regress_bh_owned\"%not a member of its apply_role%' FROM kafka_bridge.status WHERE worker = 'applier'"),
+	'membership revoked: the status says the topic is not applied, and why');
+$a->safe_psql('postgres', "INSERT INTO regress_bh_owned VALUES (2, 'after the revoke')");
+$a->safe_psql('postgres', "INSERT INTO regress_bh_domain VALUES (4, 'sentinel')");
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_bh_domain WHERE id = 4'),
+	'a later row of another subscribed table arrives');
+sleep 1;
+is($b->safe_psql('postgres', 'SELECT string_agg(v, \',\' ORDER BY id) FROM regress_bh_owned'), 'while a member',
+	'the row written after the revoke is not applied');
+is($b->safe_psql('postgres', "SELECT count(*) FROM kafka_bridge.dead_letters WHERE topic = 'regress_bh_owned'"), '0',
+	'nor set aside');
+$b->safe_psql('postgres', 'GRANT regress_bh_writer TO regress_bh_owner');
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 2 FROM regress_bh_owned'),
+	'granted again: the row waiting in the topic is applied');
 
 # ---- unsubscribe() in a transaction that the applier's look at the
 #      subscriptions (once a second) falls into: a record that comes just
