@@ -14,7 +14,7 @@ ALTER TABLE regress_sub_by_index REPLICA IDENTITY USING INDEX regress_sub_by_ind
 CREATE TEMP TABLE regress_sub_temp (id int PRIMARY KEY);
 CREATE VIEW regress_sub_view AS SELECT * FROM regress_sub_client;
 
--- defaults: topic = table name, prefix = its upper case, envelope, the caller applies
+-- defaults: topic = table name, prefix = its upper case, envelope, the owner applies (here the caller)
 SELECT kafka_bridge.subscribe('regress_sub_client');
 SELECT table_name, topic, format, event_prefix, apply_role = current_user::regrole AS applies_as_me
   FROM kafka_bridge.subscribed_tables;
