@@ -121,6 +121,19 @@ UPDATE regress_conflict SET id = 20 WHERE id = 2;
 UPDATE regress_conflict SET v = 'still 3' WHERE id = 3;
 SELECT key, origin, commit_time, xid IS NOT NULL AS has_xid
   FROM kafka_bridge.tombstones WHERE relid = 'regress_conflict'::regclass ORDER BY key;
+-- arrays nested deeper than 8 are refused, siblings after them included
+-- (the depth went below zero and the next '[' wrote outside its array)
+CREATE TABLE regress_sub_arr (id int PRIMARY KEY, a int[]);
+SELECT kafka_bridge.subscribe('regress_sub_arr', conflict_policy => 'apply_remote');
+SELECT kafka_bridge.apply_event('regress_sub_arr', '{"id":1}',
+  '{"event":"REGRESS_SUB_ARR-PUT","row":{"id":1,"a":[' || repeat('[', 16) || '1' || repeat(']', 16) || ',[2],[3]]}}');
+SELECT kafka_bridge.apply_event('regress_sub_arr', '{"id":2}',
+  '{"event":"REGRESS_SUB_ARR-PUT","row":{"id":2,"a":[' || repeat('[', 13) || '1' || repeat(']', 13) || ',[2]]}}');
+SELECT kafka_bridge.apply_event('regress_sub_arr', '{"id":3}',
+  '{"event":"REGRESS_SUB_ARR-PUT","row":{"id":3,"a":[[1,2],[3,4]]}}');
+SELECT * FROM regress_sub_arr;
+SELECT kafka_bridge.unsubscribe('regress_sub_arr');
+
 -- apply_event(): the policy decides, with the event's version
 SELECT kafka_bridge.apply_event('regress_conflict', '{"id":1}',
   '{"event":"REGRESS_CONFLICT-PUT","row":{"id":1,"v":"older than the delete"}}',

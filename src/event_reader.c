@@ -254,7 +254,8 @@ element_start(void *state, bool isnull)
 {
 	ArrayParse *a = (ArrayParse *) state;
 
-	if (a->object_start == NULL && a->depth > 0 && a->elements[a->depth]++ > 0)
+	if (a->object_start == NULL && a->depth > 0 && a->depth <= MAX_NESTING &&
+		a->elements[a->depth]++ > 0)
 		appendStringInfoChar(&a->out, ',');
 }
 
@@ -265,10 +266,10 @@ arr_array_start(void *state)
 
 	if (a->object_start != NULL)
 		return;
+	/* depth counts every array open; past MAX_NESTING nothing is written */
 	if (++a->depth > MAX_NESTING)
 	{
 		a->error = "arrays nest too deep";
-		a->depth = MAX_NESTING;
 		return;
 	}
 	a->elements[a->depth] = 0;
@@ -282,7 +283,8 @@ arr_array_end(void *state)
 
 	if (a->object_start != NULL)
 		return;
-	a->depth--;
+	if (a->depth-- > MAX_NESTING)
+		return;
 	appendStringInfoChar(&a->out, '}');
 }
 
