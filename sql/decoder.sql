@@ -147,6 +147,15 @@ DELETE FROM regress_flat;
 INSERT INTO regress_flat VALUES (2, 'two');
 TRUNCATE regress_flat;
 SELECT * FROM regress_changes();
+-- a TRUNCATE after another record of its transaction has a number (seq)
+-- of its own: its value is null, as a tombstone's, but it shares no
+-- number (an applier takes a record whose number it saw for a replay)
+BEGIN;
+INSERT INTO regress_flat VALUES (3, 'three');
+TRUNCATE regress_flat;
+COMMIT;
+SELECT (data::jsonb)->'key' AS key, (data::jsonb)->'headers'->'seq' AS seq
+  FROM pg_logical_slot_get_changes('regress_slot', NULL, NULL, 'include-xids', '0', 'include-timestamp', '0');
 
 -- Replica identities.  FULL without a primary key: every column is the
 -- key, so an UPDATE is a DELETE of the old row and a PUT of the new one.

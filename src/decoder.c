@@ -691,17 +691,18 @@ prepare_transaction(KbDecodingData *data, ReorderBufferTXN *txn)
 /*
  * Start a record in ctx->out: everything up to the value, which the caller
  * then appends unless it is null.  key NULL means a null key; flat records
- * are keyed by event type whatever key says.
+ * are keyed by event type whatever key says.  A tombstone shares the
+ * number (seq) of the DELETE it follows; every other record, null value or
+ * not (a flat TRUNCATE), takes the next.
  */
 static void
 record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 			 KbRelEntry *entry, KbEvent event, StringInfo key,
-			 bool null_value, bool last_write)
+			 bool null_value, bool tombstone, bool last_write)
 {
 	StringInfo	out = ctx->out;
 
-	/* a tombstone shares the number of the DELETE it follows */
-	if (!null_value || data->seq == 0)
+	if (!tombstone || data->seq == 0)
 	{
 		data->seq_len = pg_ultoa_n(++data->seq, data->seq_text);
 		data->seq_text[data->seq_len] = '\0';
@@ -924,7 +925,7 @@ emit_put(LogicalDecodingContext *ctx, KbDecodingData *data, KbRelEntry *entry,
 		kb_snapshot_filter_skips(entry->snapshot, values, nulls))
 		return;
 
-	record_begin(ctx, data, entry, KB_PUT, key, false, true);
+	record_begin(ctx, data, entry, KB_PUT, key, false, false, true);
 	if (entry->format == KB_FORMAT_ENVELOPE)
 	{
 		int		   *unchanged = palloc(sizeof(int) * Max(entry->shape->ncolumns, 1));
@@ -969,7 +970,7 @@ emit_delete(LogicalDecodingContext *ctx, KbDecodingData *data,
 	bool		tombstone = entry->tombstones && key != NULL;
 	bool		flat_null = entry->format == KB_FORMAT_FLAT && values == NULL;
 
-	record_begin(ctx, data, entry, KB_DELETE, key, flat_null,
+	record_begin(ctx, data, entry, KB_DELETE, key, flat_null, false,
 				 last_write && !tombstone);
 	if (entry->format == KB_FORMAT_ENVELOPE)
 	{
@@ -986,7 +987,7 @@ emit_delete(LogicalDecodingContext *ctx, KbDecodingData *data,
 
 	if (tombstone)
 	{
-		record_begin(ctx, data, entry, KB_DELETE, key, true, last_write);
+		record_begin(ctx, data, entry, KB_DELETE, key, true, true, last_write);
 		record_end(ctx, data, entry, KB_DELETE, true, last_write);
 	}
 }
@@ -1277,7 +1278,7 @@ kb_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 		bool		last = (i == ntargets - 1);
 		bool		flat = entry->format == KB_FORMAT_FLAT;
 
-		record_begin(ctx, data, entry, KB_TRUNCATE, &truncate_key, flat, last);
+		record_begin(ctx, data, entry, KB_TRUNCATE, &truncate_key, flat, false, last);
 		if (!flat)
 		{
 			envelope_begin(ctx->out, data, entry, KB_TRUNCATE);
