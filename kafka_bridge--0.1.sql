@@ -204,7 +204,8 @@ REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, bytea, jsonb) FROM PUBLI
 -- (the worker's consumer), apply.c (events to rows) ----
 
 -- One table per topic.  apply_role is whose privileges and row security
--- apply to the rows written: by default the role that subscribed.
+-- apply to the rows written: by default the table's owner, who must be a
+-- member of it.
 CREATE TABLE kafka_bridge.subscriptions (
 	relid regclass PRIMARY KEY,
 	topic text NOT NULL UNIQUE,
@@ -350,7 +351,7 @@ LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'kafka_bridge_subscribe';
 
 COMMENT ON FUNCTION kafka_bridge.subscribe(regclass, text, text, text, regrole, text, text) IS
-'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the caller), resolving conflicts by conflict_policy, from the beginning of the topic or (start_position => ''end'') from its current end';
+'apply the events of a Kafka topic (by default the table name) to a table, as apply_role (by default the table''s owner), resolving conflicts by conflict_policy, from the beginning of the topic or (start_position => ''end'') from its current end';
 
 CREATE FUNCTION kafka_bridge.unsubscribe(tbl regclass)
 RETURNS void

@@ -132,7 +132,7 @@ typedef struct KbStreamedTxn
 typedef struct KbSpooledRecord
 {
 	char		kind;
-	bool		null_value;
+	bool		tombstone;		/* shares the number of the DELETE before it */
 	int16		event_len;
 	int32		topic_len;
 	int32		key_len;
@@ -186,6 +186,7 @@ typedef struct KbDecodingData
 	const char *record_key;		/* the record's key, for the publisher */
 	int			record_key_len;
 	int			meta_at;		/* where the envelope's transaction fields go */
+	bool		record_tombstone;	/* the record is a tombstone (its seq is shared) */
 
 	/* streamed transactions (publisher only) */
 	bool		can_stream;		/* PostgreSQL offered to stream, for a publisher */
@@ -707,6 +708,7 @@ record_begin(LogicalDecodingContext *ctx, KbDecodingData *data,
 		data->seq_len = pg_ultoa_n(++data->seq, data->seq_text);
 		data->seq_text[data->seq_len] = '\0';
 	}
+	data->record_tombstone = tombstone;
 
 	if (data->publisher)
 	{
@@ -783,7 +785,7 @@ spool_row(KbDecodingData *data, const char *topic, int topic_len,
 	StringInfo	rec = &data->spool_rec;
 	KbSpooledRecord head = {
 		.kind = KB_SPOOL_ROW,
-		.null_value = value == NULL,
+		.tombstone = data->record_tombstone,
 		.event_len = event_len,
 		.topic_len = topic_len,
 		.key_len = key ? key_len : -1,
@@ -1566,8 +1568,11 @@ replay_row(KbDecodingData *data, StringInfo rec, StringInfo value)
 		}
 	}
 
-	/* numbered as record_begin numbers a decoded record */
-	if (!head.null_value || data->seq == 0)
+	/*
+	 * numbered as record_begin numbers a decoded record: only a tombstone
+	 * shares a number, not any null value (a flat TRUNCATE or DELETE)
+	 */
+	if (!head.tombstone || data->seq == 0)
 	{
 		data->seq_len = pg_ultoa_n(++data->seq, data->seq_text);
 		data->seq_text[data->seq_len] = '\0';

@@ -51,7 +51,7 @@ is(scalar(kafka_wait_records('regress_streamed_wiped', 10, 60)), 10, 'the snapsh
 # 1. a committed transaction of some 3 MB of changes, with savepoints:
 #    rows 1-5000, a send() and rows 100001-105000 in a savepoint rolled
 #    back, a savepoint released, updates, deletes, a truncate, a send()
-#    that commits, flat rows
+#    that commits, flat rows then their table truncated
 $node->safe_psql('postgres', q{
 	BEGIN;
 	INSERT INTO big SELECT g, repeat('a', 200) FROM generate_series(1, 5000) g;
@@ -70,6 +70,7 @@ $node->safe_psql('postgres', q{
 	TRUNCATE wiped;
 	SELECT kafka_bridge.send('regress_streamed_app', 'kept', 'committed'::text);
 	INSERT INTO flat_rows SELECT g, 'flat ' || g FROM generate_series(1, 3000) g;
+	TRUNCATE flat_rows;
 	COMMIT;
 });
 my $commit_lsn = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
@@ -117,10 +118,18 @@ my ($the_lsn) = keys %lsn;
 ok($node->safe_psql('postgres', "SELECT '$the_lsn'::pg_lsn < '$commit_lsn'::pg_lsn"),
 	"the LSN ($the_lsn) is the commit's, before the end of WAL then ($commit_lsn)");
 
-my @flat = kafka_wait_records('regress_streamed_flat', 3000, 60);
-is(scalar(@flat), 3000, 'the flat table\'s 3,000 rows');
-is(scalar(grep { $_->{key} eq 'FLAT_ROWS-PUT' && $json->decode($_->{value})->{v} =~ /^flat \d+$/ } @flat),
+my @flat = kafka_wait_records('regress_streamed_flat', 3001, 60);
+is(scalar(@flat), 3001, 'the flat table\'s 3,000 rows and its truncate');
+my @flat_puts = grep { $_->{key} eq 'FLAT_ROWS-PUT' } @flat;
+is(scalar(grep { $json->decode($_->{value})->{v} =~ /^flat \d+$/ } @flat_puts),
 	3000, 'keyed FLAT_ROWS-PUT, valued the row alone');
+# a flat TRUNCATE has a null value but is no tombstone: it takes a number
+# of its own, or an applier takes it for a replay of the PUT before it
+my @flat_truncates = grep { $_->{key} eq 'FLAT_ROWS-TRUNCATE' } @flat;
+is(join(',', map { $_->{value} // 'null' } @flat_truncates), 'null', 'then the truncate, once, valued null');
+my ($last_put_seq) = sort { $b <=> $a } map { $_->{headers}{seq} } @flat_puts;
+is($flat_truncates[0]{headers}{seq}, $last_put_seq + 1,
+	'the truncate replayed from the spool is numbered after the last PUT, not with it');
 
 # publish() snapshotted the table's 10 rows first
 my @wiped = kafka_wait_records('regress_streamed_wiped', 11, 60);
