@@ -82,6 +82,23 @@ SELECT table_name, apply_role FROM kafka_bridge.subscribed_tables WHERE table_na
 REVOKE regress_sub_other FROM regress_sub_user;
 SELECT kafka_bridge.apply_event('regress_sub_owned', '{"id":1}', '{"event":"REGRESS_SUB_OWNED-PUT","row":{"id":1}}');
 SELECT count(*) FROM regress_sub_owned;
+-- so is the membership of its partitions' owners: the applier's
+-- statements reach them, and their triggers run as the apply role
+CREATE TABLE regress_sub_parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
+CREATE TABLE regress_sub_parted_1 PARTITION OF regress_sub_parted FOR VALUES FROM (0) TO (100);
+ALTER TABLE regress_sub_parted OWNER TO regress_sub_other;
+SET client_min_messages = error;
+SELECT kafka_bridge.subscribe('regress_sub_parted');
+RESET client_min_messages;
+ALTER TABLE regress_sub_parted_1 OWNER TO regress_sub_user;
+SELECT kafka_bridge.apply_event('regress_sub_parted', '{"id":1}', '{"event":"REGRESS_SUB_PARTED-PUT","row":{"id":1}}');
+SELECT kafka_bridge.subscribe('regress_sub_parted');
+SELECT count(*) FROM regress_sub_parted;
+ALTER TABLE regress_sub_parted_1 OWNER TO regress_sub_other;
+SELECT kafka_bridge.apply_event('regress_sub_parted', '{"id":1}', '{"event":"REGRESS_SUB_PARTED-PUT","row":{"id":1}}');
+SELECT count(*) FROM regress_sub_parted;
+SELECT kafka_bridge.unsubscribe('regress_sub_parted');
+DROP TABLE regress_sub_parted;
 
 -- sync = publish + subscribe of the same topic
 CREATE TABLE regress_sync (id bigint PRIMARY KEY, v text);

@@ -20,6 +20,7 @@
 #include "catalog/catalog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_inherits.h"
 #include "catalog/pg_namespace.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
@@ -321,6 +322,39 @@ set_tombstone_trigger(Relation rel, bool wanted)
 }
 
 /*
+ * The first table of relid's inheritance tree (relid itself, then its
+ * partitions or children) whose owner is not a member of role, or
+ * InvalidOid; *owner is set to that owner.  The applier's statements reach
+ * every table of the tree, and each table's triggers, defaults and checks
+ * are written by its own owner.  Children are not locked: one dropped
+ * meanwhile is passed over.
+ */
+static Oid
+table_owner_not_member(Oid relid, Oid role, Oid *owner)
+{
+	List	   *tree = find_all_inheritors(relid, NoLock, NULL);
+	ListCell   *lc;
+	Oid			found = InvalidOid;
+
+	foreach(lc, tree)
+	{
+		HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(lfirst_oid(lc)));
+
+		if (!HeapTupleIsValid(tup))
+			continue;
+		*owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+		ReleaseSysCache(tup);
+		if (!is_member_of_role(*owner, role))
+		{
+			found = lfirst_oid(lc);
+			break;
+		}
+	}
+	list_free(tree);
+	return found;
+}
+
+/*
  * kafka_bridge.subscribe(tbl, topic, format, event_prefix, apply_role):
  * apply a topic's events to a table; subscribing again replaces the
  * settings, and a new topic starts from its beginning.
@@ -335,6 +369,8 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 	char	   *prefix;
 	KbEventFormat format;
 	Oid			role;
+	Oid			refused;
+	Oid			owner;
 	KbConflictPolicy policy;
 	Oid			types[7] = {OIDOID, TEXTOID, TEXTOID, TEXTOID, OIDOID, TEXTOID, TEXTOID};
 	Datum		values[7];
@@ -374,15 +410,23 @@ kafka_bridge_subscribe(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to apply as role \"%s\"", GetUserNameFromId(role, false)),
 				 errdetail("Only members of a role may make the applier write as that role.")));
-	if (!is_member_of_role(rel->rd_rel->relowner, role))
+	refused = table_owner_not_member(relid, role, &owner);
+	if (OidIsValid(refused))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("the owner of table \"%s\" is not a member of role \"%s\"", relname,
+				 errmsg("the owner of table \"%s\" is not a member of role \"%s\"", get_rel_name(refused),
 						GetUserNameFromId(role, false)),
+				 refused == relid ?
 				 errdetail("The table's triggers, defaults and checks run as the apply role: its owner, role \"%s\", would gain the rights of role \"%s\".",
-						   GetUserNameFromId(rel->rd_rel->relowner, false), GetUserNameFromId(role, false)),
+						   GetUserNameFromId(owner, false), GetUserNameFromId(role, false)) :
+				 errdetail("Table \"%s\" is a partition or child of table \"%s\", and its triggers, defaults and checks run as the apply role: its owner, role \"%s\", would gain the rights of role \"%s\".",
+						   get_rel_name(refused), relname,
+						   GetUserNameFromId(owner, false), GetUserNameFromId(role, false)),
+				 refused == relid ?
 				 errhint("Leave apply_role out to apply as the table's owner, or GRANT \"%s\" TO \"%s\".",
-						 GetUserNameFromId(role, false), GetUserNameFromId(rel->rd_rel->relowner, false))));
+						 GetUserNameFromId(role, false), GetUserNameFromId(owner, false)) :
+				 errhint("Apply as a role that the owners of the table and of all its partitions or children are members of, or GRANT \"%s\" TO \"%s\".",
+						 GetUserNameFromId(role, false), GetUserNameFromId(owner, false))));
 
 	values[0] = ObjectIdGetDatum(relid);
 	values[1] = CStringGetTextDatum(topic);
@@ -582,26 +626,29 @@ kb_load_subscriptions(bool lock)
  * dropped, or the table's owner is not a member of it.  The table's own
  * code (triggers, defaults, checks, index expressions), which its owner
  * writes, runs as the apply role: an owner who may not act as that role
- * would gain its rights through the applier.  Membership is looked at each
+ * would gain its rights through the applier.  So are its partitions' or
+ * children's, written by their owners.  Membership is looked at each
  * time, so that a REVOKE or a new owner holds from then on.
  */
 char *
 kb_subscription_refusal(const KbSubscription *s)
 {
-	HeapTuple	tup;
+	Oid			refused;
 	Oid			owner;
 
 	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->apply_role)))
 		return psprintf("the subscription of topic \"%s\" applies as a role that no longer exists: subscribe its table again with an existing apply_role",
 						s->topic);
-	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(s->relid));
-	if (!HeapTupleIsValid(tup))
+	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(s->relid)))
 		return NULL;			/* dropped: the event trigger forgets it */
-	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
-	ReleaseSysCache(tup);
-	if (!is_member_of_role(owner, s->apply_role))
-		return psprintf("topic \"%s\" is not applied: the owner of table \"%s\", role \"%s\", is not a member of its apply_role \"%s\", which the table's triggers, defaults and checks would run as; GRANT \"%s\" TO \"%s\", or subscribe the table again with an apply_role its owner is a member of",
-						s->topic, get_rel_name(s->relid), GetUserNameFromId(owner, false),
+	refused = table_owner_not_member(s->relid, s->apply_role, &owner);
+	if (OidIsValid(refused))
+		return psprintf("topic \"%s\" is not applied: the owner of table \"%s\"%s%s%s, role \"%s\", is not a member of its apply_role \"%s\", which the table's triggers, defaults and checks would run as; GRANT \"%s\" TO \"%s\", or subscribe the table again with an apply_role its owner is a member of",
+						s->topic, get_rel_name(refused),
+						refused == s->relid ? "" : " (under table \"",
+						refused == s->relid ? "" : get_rel_name(s->relid),
+						refused == s->relid ? "" : "\")",
+						GetUserNameFromId(owner, false),
 						GetUserNameFromId(s->apply_role, false),
 						GetUserNameFromId(s->apply_role, false), GetUserNameFromId(owner, false));
 	return NULL;
