@@ -127,7 +127,7 @@ typedef struct KbWorkerSlot
 	TimestampTz started_at;
 	char		brokers[256];	/* brokers seen in the last metadata reply */
 	char		activity[KB_ACTIVITY_LEN];
-	char		last_error[512];
+	char		last_error[1024];	/* a refusal names up to seven objects */
 	TimestampTz last_error_at;
 
 	/* counters filled by the publisher and the consumer */

@@ -12,6 +12,7 @@
 
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -140,6 +141,8 @@ kb_status_set_error(int index, KbWorkerState state, const char *fmt,...)
 	va_start(ap, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
+	/* a message cut short ends on a whole character */
+	buf[pg_mbcliplen(buf, strlen(buf), sizeof(buf) - 1)] = '\0';
 
 	LWLockAcquire(kb_status->lock, LW_EXCLUSIVE);
 	s->state = state;
