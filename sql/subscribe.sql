@@ -146,6 +146,12 @@ SELECT kafka_bridge.apply_event('regress_sub_arr', '{"id":1}',
   '{"event":"REGRESS_SUB_ARR-PUT","row":{"id":1,"a":[' || repeat('[', 16) || '1' || repeat(']', 16) || ',[2],[3]]}}');
 SELECT kafka_bridge.apply_event('regress_sub_arr', '{"id":2}',
   '{"event":"REGRESS_SUB_ARR-PUT","row":{"id":2,"a":[' || repeat('[', 13) || '1' || repeat(']', 13) || ',[2]]}}');
+-- at the limit: 8 deep passes the reader, and the array's input function
+-- refuses it (at most 6 dimensions); 9 deep is the reader's to refuse
+SELECT kafka_bridge.apply_event('regress_sub_arr', '{"id":4}',
+  '{"event":"REGRESS_SUB_ARR-PUT","row":{"id":4,"a":' || repeat('[', 8) || '1' || repeat(']', 8) || '}}');
+SELECT kafka_bridge.apply_event('regress_sub_arr', '{"id":4}',
+  '{"event":"REGRESS_SUB_ARR-PUT","row":{"id":4,"a":' || repeat('[', 9) || '1' || repeat(']', 9) || '}}');
 SELECT kafka_bridge.apply_event('regress_sub_arr', '{"id":3}',
   '{"event":"REGRESS_SUB_ARR-PUT","row":{"id":3,"a":[[1,2],[3,4]]}}');
 SELECT * FROM regress_sub_arr;
