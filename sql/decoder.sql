@@ -300,6 +300,17 @@ SELECT replace(data, kafka_bridge.instance_id(), '<instance>') AS data
        'include-xids', '0', 'include-timestamp', '0', 'include-lsn', '0');
 SELECT * FROM regress_changes();
 SELECT pg_replication_origin_drop('regress_kb_origin');
+-- so are events applied with kafka_bridge.apply_event(), with a version
+-- (origin, commit time) or without one (as a seed application's record)
+SET client_min_messages = error;
+SELECT kafka_bridge.subscribe('client', topic => 'regress_client_in', conflict_policy => 'apply_remote');
+RESET client_min_messages;
+SELECT kafka_bridge.apply_event('client', '{"id":42}', '{"event":"CLIENT-PUT","row":{"id":42,"name":"unversioned"}}');
+SELECT kafka_bridge.apply_event('client', '{"id":43}', '{"event":"CLIENT-PUT","row":{"id":43,"name":"versioned"}}',
+  'regress_elsewhere', '2026-01-01 00:00:00+00');
+INSERT INTO client VALUES (44, 'local');
+SELECT * FROM regress_changes();
+SELECT kafka_bridge.unsubscribe('client');
 
 -- a transaction too big for logical_decoding_work_mem (64kB here) spills
 -- to disk: still one record per row

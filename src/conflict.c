@@ -111,13 +111,17 @@ kb_version_cmp(const KbVersion *a, const KbVersion *b)
  * The replication origin the applier writes a source instance's changes
  * under, created if need be (in a transaction): kafka_bridge_<db>:<id>.
  * kafka_bridge.apply_event() uses kafka_bridge_<db>.manual:<id>, since an
- * origin serves one session at a time and the applier keeps its own.
+ * origin serves one session at a time and the applier keeps its own, and
+ * kafka_bridge_<db>.manual (instance NULL) for events without a version:
+ * under an origin, so that they are not published again.
  */
 RepOriginId
 kb_origin_for_instance(const char *instance, bool manual)
 {
-	char	   *name = psprintf("kafka_bridge_%u%s%c%s", MyDatabaseId, manual ? ".manual" : "",
-								ORIGIN_SEPARATOR, instance);
+	char	   *name = instance == NULL ?
+		psprintf("kafka_bridge_%u.manual", MyDatabaseId) :
+		psprintf("kafka_bridge_%u%s%c%s", MyDatabaseId, manual ? ".manual" : "",
+				 ORIGIN_SEPARATOR, instance);
 	RepOriginId id = replorigin_by_name(name, true);
 
 	if (id == InvalidRepOriginId)
@@ -128,8 +132,8 @@ kb_origin_for_instance(const char *instance, bool manual)
 
 /*
  * The instance a replication origin stands for: ours name the source
- * instance; the applier's origin for events without a version is this
- * instance's; any other origin (core's logical replication, say) stands
+ * instance; the origins for events without a version (the applier's and
+ * apply_event()'s) are this instance's; any other origin (core's logical replication, say) stands
  * for itself.  Cached: origins are never renamed.
  */
 static const char *
@@ -168,7 +172,8 @@ origin_instance(RepOriginId id)
 			instance = name + len + 1;
 		else if (strncmp(name, ours, len) == 0 && strncmp(name + len, ".manual:", 8) == 0)
 			instance = name + len + 8;
-		else if (strcmp(name, ours) == 0)
+		else if (strncmp(name, ours, len) == 0 &&
+				 (name[len] == '\0' || strcmp(name + len, ".manual") == 0))
 			instance = kb_instance_id();
 		else
 			instance = name;

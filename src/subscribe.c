@@ -759,13 +759,19 @@ kafka_bridge_apply_event(PG_FUNCTION_ARGS)
 				 errmsg("the event's origin is this instance"),
 				 errdetail("An instance's own changes are never applied to it.")));
 
-	/* one version per transaction, as the applier commits it */
-	if (rec.origin && !TIMESTAMP_IS_NOBEGIN(rec.commit_time))
+	/*
+	 * One version per transaction, as the applier commits it.  An event
+	 * without one is applied under this database's manual origin too, as
+	 * the applier does with its own: under no origin, it would be taken
+	 * for a local change and published again.
+	 */
 	{
-		RepOriginId id = kb_origin_for_instance(rec.origin, true);
+		bool		versioned = rec.origin && !TIMESTAMP_IS_NOBEGIN(rec.commit_time);
+		RepOriginId id = kb_origin_for_instance(versioned ? rec.origin : NULL, true);
+		TimestampTz origin_time = versioned ? rec.commit_time : 0;
 
 		if (apply_event_origin_set &&
-			(replorigin_session_origin != id || replorigin_session_origin_timestamp != rec.commit_time))
+			(replorigin_session_origin != id || replorigin_session_origin_timestamp != origin_time))
 			ereport(ERROR,
 					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 					 errmsg("a transaction can apply the events of one source transaction only"),
@@ -781,7 +787,7 @@ kafka_bridge_apply_event(PG_FUNCTION_ARGS)
 			callback_registered = true;
 			replorigin_session_setup(id);
 			replorigin_session_origin = id;
-			replorigin_session_origin_timestamp = rec.commit_time;
+			replorigin_session_origin_timestamp = origin_time;
 			apply_event_origin_set = true;
 		}
 	}
