@@ -243,8 +243,14 @@ subscriptions_signature(List *subs)
 	{
 		KbSubscription *s = lfirst(lc);
 
-		appendStringInfo(&sig, "%u|%s|%d|%s|%u|%d;", s->relid, s->topic, (int) s->format,
-						 s->event_prefix, s->apply_role, (int) s->policy);
+		/*
+		 * The row's xmin too: an unsubscribe() and a subscribe() of the
+		 * same table and topic between two looks (or in one transaction)
+		 * dropped its progress, and the offsets and replay marks kept in
+		 * memory must go with it
+		 */
+		appendStringInfo(&sig, "%u|%s|%d|%s|%u|%d|%u;", s->relid, s->topic, (int) s->format,
+						 s->event_prefix, s->apply_role, (int) s->policy, s->row_xmin);
 	}
 	return sig.data;
 }

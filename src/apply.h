@@ -78,6 +78,7 @@ typedef struct KbSubscription
 	char	   *event_prefix;
 	Oid			apply_role;
 	KbConflictPolicy policy;
+	TransactionId row_xmin;		/* of its row: a new row is a new subscription */
 } KbSubscription;
 
 /*

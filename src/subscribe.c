@@ -596,9 +596,9 @@ kb_load_subscriptions(bool lock)
 	int			rc;
 
 	rc = SPI_execute(lock ?
-					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid, conflict_policy "
+					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid, conflict_policy, xmin "
 					 "FROM kafka_bridge.subscriptions ORDER BY topic FOR SHARE" :
-					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid, conflict_policy "
+					 "SELECT relid::pg_catalog.oid, topic, format, event_prefix, apply_role::pg_catalog.oid, conflict_policy, xmin "
 					 "FROM kafka_bridge.subscriptions ORDER BY topic", !lock, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "reading kafka_bridge.subscriptions failed: %s", SPI_result_code_string(rc));
@@ -616,6 +616,7 @@ kb_load_subscriptions(bool lock)
 		s->event_prefix = SPI_getvalue(tup, desc, 4);
 		s->apply_role = DatumGetObjectId(SPI_getbinval(tup, desc, 5, &isnull));
 		s->policy = kb_parse_conflict_policy(SPI_getvalue(tup, desc, 6));
+		s->row_xmin = DatumGetTransactionId(SPI_getbinval(tup, desc, 7, &isnull));
 		result = lappend(result, s);
 	}
 	return result;

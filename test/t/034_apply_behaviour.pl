@@ -285,5 +285,29 @@ ok($b->poll_query_until('postgres', 'SELECT count(*) = 2 FROM regress_bh_guc'),
 unlike(slurp_file($b->logfile, $guc_log_offset), qr/read-only transaction/,
 	'at once: no batch met a read-only transaction (the setting did not outlive its batch)');
 
+# ---- unsubscribe() and subscribe() in one transaction, the way to apply a
+#      topic again from its beginning: the applier sees a new subscription
+#      (its offsets and replay marks in memory go with the old one), and
+#      applies the topic's rows again ----
+$_->safe_psql('postgres', 'CREATE TABLE regress_bh_again (id int PRIMARY KEY, v text)') for ($a, $b);
+$a->safe_psql('postgres', "SELECT kafka_bridge.publish('regress_bh_again')");
+$b->safe_psql('postgres', "SELECT kafka_bridge.subscribe('regress_bh_again', conflict_policy => 'apply_remote')");
+$a->safe_psql('postgres', "INSERT INTO regress_bh_again VALUES (1, 'first')");
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_bh_again'),
+	'a subscribed table gets its row');
+$b->safe_psql('postgres', q{
+	SET session_replication_role = replica;
+	DELETE FROM regress_bh_again;
+	BEGIN;
+	SELECT kafka_bridge.unsubscribe('regress_bh_again');
+	SELECT kafka_bridge.subscribe('regress_bh_again', conflict_policy => 'apply_remote');
+	COMMIT;
+});
+$a->safe_psql('postgres', "INSERT INTO regress_bh_again VALUES (2, 'second')");
+ok($b->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_bh_again WHERE id = 2'),
+	'subscribed again in one transaction: the row written since arrives');
+is($b->safe_psql('postgres', "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM regress_bh_again"),
+	'1:first,2:second', 'and the topic is applied again from its beginning');
+
 $_->stop for ($a, $b);
 done_testing();
