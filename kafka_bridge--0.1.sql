@@ -200,6 +200,14 @@ REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, jsonb, jsonb) FROM PUBLI
 REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.produce(text, text, bytea, jsonb) FROM PUBLIC;
 
+-- A logical message with the prefix kafka_bridge is a Kafka record: the
+-- publisher produces it.  PostgreSQL lets every role emit logical messages,
+-- which would let any role of this database write any topic the server's
+-- credentials reach, send()'s privileges notwithstanding.  In this
+-- database, only the roles it is granted to again may (docs/sending.md).
+REVOKE EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;
+
 -- ---- Applying topics to tables: subscribe.c (SQL functions), applier.c
 -- (the worker's consumer), apply.c (events to rows) ----
 

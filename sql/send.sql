@@ -43,7 +43,28 @@ SELECT kafka_bridge.send('t', 'k', repeat('x', 999960), '{"h": "v"}');
 CREATE ROLE regress_kb_sender;
 SET ROLE regress_kb_sender;
 SELECT kafka_bridge.send('t', 'k', 'v'::text);
+-- nor may it write a record as a logical message with send()'s prefix
+SELECT pg_logical_emit_message(true, 'kafka_bridge', '\x7400000001740000000100000001760000'::bytea);
 RESET ROLE;
 DROP ROLE regress_kb_sender;
+
+-- logical messages with send()'s prefix that send() did not write are
+-- skipped with a warning, not produced (and never stop the publisher)
+SELECT count(*) > 0 AS consumed FROM pg_logical_slot_get_changes('regress_send_slot', NULL, NULL);
+SELECT 'emitted' FROM pg_logical_emit_message(true, 'kafka_bridge', '\x00'::bytea);
+SELECT 'emitted' FROM pg_logical_emit_message(true, 'kafka_bridge', '\x740000000174ffffffff000000'::bytea);
+SELECT 'emitted' FROM pg_logical_emit_message(true, 'kafka_bridge', '\x740000000174fffffffe00000001760000'::bytea);
+SELECT 'emitted' FROM pg_logical_emit_message(true, 'kafka_bridge', '\x740000000121ffffffff00000001760000'::bytea);
+SELECT 'emitted' FROM pg_logical_emit_message(true, 'kafka_bridge', '\x740000000174ffffffff00000001760000ff'::bytea);
+-- well formed, but with a header appliers trust (origin)
+SELECT 'emitted' FROM pg_logical_emit_message(true, 'kafka_bridge',
+  decode('740000000174ffffffff0000000176' || '0001' || '0006' || encode('origin', 'hex') || '0000000178', 'hex'));
+-- well formed: produced
+SELECT 'emitted' FROM pg_logical_emit_message(true, 'kafka_bridge',
+  decode('740000000174ffffffff0000000176' || '0001' || '0005' || encode('trace', 'hex') || '0000000178', 'hex'));
+\set VERBOSITY terse
+SELECT data FROM pg_logical_slot_get_changes('regress_send_slot', NULL, NULL,
+	'include-xids', '0', 'include-timestamp', '0', 'include-lsn', '0');
+\set VERBOSITY default
 
 SELECT pg_drop_replication_slot('regress_send_slot');

@@ -1292,7 +1292,89 @@ kb_truncate(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	MemoryContextReset(data->change_cxt);
 }
 
-/* Logical messages: kafka_bridge.send() will use them; nothing yet. */
+/*
+ * Why a logical message with kafka_bridge's prefix is not a record frame
+ * as kafka_bridge.send() writes one, or NULL.  Whoever may call
+ * pg_logical_emit_message() can write such a message: one that does not
+ * parse would stop the publisher at it for good, and one that carries the
+ * headers appliers trust (origin, lsn, seq, commit_time) could hide an
+ * instance's changes from them.
+ */
+static const char *
+send_frame_problem(const char *message, Size size)
+{
+	const char *p = message;
+	const char *end = message + size;
+	uint32		u32;
+	uint16		u16;
+	int32		len;
+
+#define FRAME_NEED(n) \
+	do { if ((Size) (end - p) < (Size) (n)) return "it ends in the middle of its record"; } while (0)
+#define FRAME_INT32(v) \
+	do { FRAME_NEED(4); memcpy(&u32, p, 4); p += 4; (v) = (int32) pg_ntoh32(u32); } while (0)
+#define FRAME_INT16(v) \
+	do { FRAME_NEED(2); memcpy(&u16, p, 2); p += 2; (v) = pg_ntoh16(u16); } while (0)
+
+	FRAME_NEED(1);
+	if (*p != KB_VALUE_KIND_JSON && *p != KB_VALUE_KIND_TEXT && *p != KB_VALUE_KIND_BYTES)
+		return "its value kind is unknown";
+	p++;
+	FRAME_INT32(len);
+	if (len < 0)
+		return "its topic length is negative";
+	FRAME_NEED(len);
+	if (kb_topic_problem(p, len))
+		return "its topic is no valid Kafka topic name";
+	p += len;
+	for (int part = 0; part < 2; part++)	/* the key, then the value */
+	{
+		FRAME_INT32(len);
+		if (len < -1)
+			return "a length in it is negative";
+		if (len > 0)
+		{
+			FRAME_NEED(len);
+			p += len;
+		}
+	}
+	{
+		int			nheaders;
+
+		FRAME_INT16(nheaders);
+		for (int i = 0; i < nheaders; i++)
+		{
+			int			name_len;
+
+			FRAME_INT16(name_len);
+			if (name_len == 0)
+				return "a header name in it is empty";
+			FRAME_NEED(name_len);
+			if (kb_reserved_header(p, name_len))
+				return "it carries a header that kafka_bridge keeps for its own (origin, lsn, seq or commit_time)";
+			p += name_len;
+			FRAME_INT32(len);
+			if (len < -1)
+				return "a length in it is negative";
+			if (len > 0)
+			{
+				FRAME_NEED(len);
+				p += len;
+			}
+		}
+	}
+	if (p != end)
+		return "it has bytes after its record";
+	return NULL;
+#undef FRAME_NEED
+#undef FRAME_INT32
+#undef FRAME_INT16
+}
+
+/*
+ * Logical messages: those with prefix kafka_bridge are the records of
+ * kafka_bridge.send(); any other is none of ours.
+ */
 static void
 kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 		   XLogRecPtr message_lsn, bool transactional, const char *prefix,
@@ -1306,8 +1388,24 @@ kb_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 	int			nheaders;
 
 	/* only kafka_bridge.send(), which is always transactional */
-	if (!transactional || strcmp(prefix, KB_MESSAGE_PREFIX) != 0 || message_size < 1)
+	if (!transactional || strcmp(prefix, KB_MESSAGE_PREFIX) != 0)
 		return;
+	{
+		const char *problem = send_frame_problem(message, message_size);
+
+		if (problem)
+		{
+			ereport(WARNING,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("kafka_bridge skips a logical message with the prefix \"%s\" that is no Kafka record: %s",
+							KB_MESSAGE_PREFIX, problem),
+					 errdetail("The message at %X/%X was not written by kafka_bridge.send().",
+							   LSN_FORMAT_ARGS(message_lsn)),
+					 errhint("Messages with the prefix \"%s\" become Kafka records: write them with kafka_bridge.send() only.",
+							 KB_MESSAGE_PREFIX)));
+			return;
+		}
+	}
 
 	/* the message is a record frame but for its first byte */
 	if (data->stream)

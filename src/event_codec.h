@@ -181,6 +181,7 @@ typedef struct KbPublication
 
 extern bool kb_lookup_publication(Oid relid, KbPublication *pub);
 extern void kb_check_topic(const char *topic, bool is_default);
+extern const char *kb_topic_problem(const char *topic, size_t len);
 extern void kb_check_event_prefix(const char *prefix);
 extern KbEventFormat kb_parse_format(const char *name);
 extern struct RelationData *kb_open_owned_table(Oid relid);
@@ -221,6 +222,9 @@ typedef struct KbHeader
  */
 extern int	kb_collect_headers(Jsonb *headers, KbHeader **result,
 							   size_t *total_bytes);
+
+/* Which reserved header (origin, lsn, seq, commit_time) name is, or NULL. */
+extern const char *kb_reserved_header(const char *name, int name_len);
 
 /*
  * The size librdkafka gives a record when it checks it against

@@ -223,6 +223,16 @@ static const char *const reserved_headers[] = {
 	KB_HEADER_ORIGIN, KB_HEADER_LSN, KB_HEADER_SEQ, KB_HEADER_COMMIT_TIME
 };
 
+const char *
+kb_reserved_header(const char *name, int name_len)
+{
+	for (int i = 0; i < lengthof(reserved_headers); i++)
+		if (name_len == strlen(reserved_headers[i]) &&
+			memcmp(name, reserved_headers[i], name_len) == 0)
+			return reserved_headers[i];
+	return NULL;
+}
+
 /*
  * Check the headers argument, a JSON object whose values are strings or
  * null, and copy it.  Returns the number of headers.
@@ -262,14 +272,13 @@ kb_collect_headers(Jsonb *headers, KbHeader **result, size_t *total_bytes)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("the name of a Kafka record header cannot be empty")));
-			for (int i = 0; i < lengthof(reserved_headers); i++)
-				if (name_len == strlen(reserved_headers[i]) &&
-					memcmp(name, reserved_headers[i], name_len) == 0)
-					ereport(ERROR,
-							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-							 errmsg("Kafka record header \"%s\" is kafka_bridge's own", reserved_headers[i]),
-							 errdetail("Appliers read the headers origin, lsn, seq and commit_time to tell replays and to order versions."),
-							 errhint("Give the header another name.")));
+			if (kb_reserved_header(name, name_len))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("Kafka record header \"%s\" is kafka_bridge's own",
+								kb_reserved_header(name, name_len)),
+						 errdetail("Appliers read the headers origin, lsn, seq and commit_time to tell replays and to order versions."),
+						 errhint("Give the header another name.")));
 		}
 		else if (tok == WJB_VALUE)
 		{

@@ -281,33 +281,38 @@ kb_check_event_prefix(const char *prefix)
 }
 
 /*
+ * What makes topic (len bytes, not terminated) no valid Kafka topic name,
+ * as an error detail, or NULL.
+ */
+const char *
+kb_topic_problem(const char *topic, size_t len)
+{
+	if (len == 0)
+		return "A topic name cannot be empty.";
+	if (len > KB_TOPIC_MAX_LEN)
+		return "A topic name has at most 249 characters.";
+	if ((len == 1 && topic[0] == '.') || (len == 2 && topic[0] == '.' && topic[1] == '.'))
+		return "Kafka does not accept \".\" and \"..\" as topic names.";
+	for (size_t i = 0; i < len; i++)
+	{
+		char		c = topic[i];
+
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+			  (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
+			return "A topic name may contain only ASCII letters, digits, \".\", \"_\" and \"-\".";
+	}
+	return NULL;
+}
+
+/*
  * Refuse a name Kafka would refuse (its rules for topic names), now rather
  * than in the publisher, where it would stop the table's events.
  */
 void
 kb_check_topic(const char *topic, bool is_default)
 {
-	const char *detail = NULL;
-	size_t		len = strlen(topic);
+	const char *detail = kb_topic_problem(topic, strlen(topic));
 
-	if (len == 0)
-		detail = "A topic name cannot be empty.";
-	else if (len > KB_TOPIC_MAX_LEN)
-		detail = "A topic name has at most 249 characters.";
-	else if (strcmp(topic, ".") == 0 || strcmp(topic, "..") == 0)
-		detail = "Kafka does not accept \".\" and \"..\" as topic names.";
-	else
-	{
-		for (const char *p = topic; *p; p++)
-		{
-			if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-				  (*p >= '0' && *p <= '9') || *p == '.' || *p == '_' || *p == '-'))
-			{
-				detail = "A topic name may contain only ASCII letters, digits, \".\", \"_\" and \"-\".";
-				break;
-			}
-		}
-	}
 	if (detail == NULL)
 		return;
 	ereport(ERROR,
