@@ -26,6 +26,7 @@ ALTER SYSTEM SET kafka_bridge.producer_options = 'acks=1';
 ALTER SYSTEM SET kafka_bridge.consumer_options = 'group.id=mine';
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'bootstrap.servers=elsewhere:9092';
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'log.queue=false';
+ALTER SYSTEM SET kafka_bridge.producer_options = 'delivery.report.only.error=true';
 -- nothing that loads code into the server
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'plugin.library.paths=/tmp/evil.so';
 ALTER SYSTEM SET kafka_bridge.kafka_options = 'ssl.engine.location=/tmp/evil.so';

@@ -125,6 +125,7 @@ kb_kafka_client_create(KbClientRole role, const char *client_id,
 		 conf_set(conf, "auto.offset.reset", "earliest", detail)) &&
 		(role != KB_CLIENT_PRODUCER ||
 		 (conf_set(conf, "message.timeout.ms", "0", detail) &&
+		  conf_set(conf, "delivery.report.only.error", "false", detail) &&
 		  conf_set(conf, "queue.buffering.max.kbytes", "65536", detail) &&
 		  conf_set(conf, "queue.buffering.max.messages", "10000", detail) &&
 		  conf_set(conf, "compression.type", "lz4", detail))) &&

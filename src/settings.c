@@ -63,6 +63,8 @@ static const char *const managed_properties[] = {
 	"enable.auto.offset.store", "group.id", "transactional.id",
 	/* logs must reach the worker's thread, never run on librdkafka's */
 	"log.queue",
+	/* the slot moves on acknowledgements: each must be reported */
+	"delivery.report.only.error",
 	NULL
 };
 
