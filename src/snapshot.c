@@ -1156,10 +1156,21 @@ run_step(StepWork work, KbPublisher *pub, int status_slot, InFlight *f, XLogRecP
 
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
 		/* a chunk that did not commit is not waited for */
 		in_flight = list_truncate(in_flight, in_flight_before);
+
+		/*
+		 * Reloaded Kafka settings, met while the chunk waited for room in
+		 * the producer: the publisher must start over with them, not go on
+		 * producing with the old ones
+		 */
+		if (edata->sqlerrcode == ERRCODE_CONFIG_FILE_ERROR)
+		{
+			FreeErrorData(edata);
+			PG_RE_THROW();
+		}
+		FlushErrorState();
+		AbortCurrentTransaction();
 		kb_status_set_error(status_slot, kb_status_slot(status_slot)->state,
 							"snapshot: %s", edata->message);
 		ereport(LOG,
