@@ -153,6 +153,24 @@ REVOKE ALL ON FUNCTION kafka_bridge.unpublish(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION kafka_bridge.forget_dropped_tables() FROM PUBLIC;
 GRANT SELECT ON kafka_bridge.published_tables TO pg_monitor;
 
+-- Each replication slot the publisher created for this database: one made
+-- again under a name already here means the old one is gone (a standby
+-- promoted, a restore, a DROP), and what committed between its confirmed
+-- position and the new slot's start was not published (publisher.c).
+CREATE TABLE kafka_bridge.slot_history (
+	slot_name name NOT NULL,
+	created_at timestamptz NOT NULL DEFAULT now(),
+	start_lsn pg_lsn NOT NULL,
+	system_identifier bigint NOT NULL,
+	replaced_lost_slot boolean NOT NULL
+);
+
+COMMENT ON TABLE kafka_bridge.slot_history IS
+'the replication slots the publisher created; replaced_lost_slot: changes committed before start_lsn may not have been published';
+
+REVOKE ALL ON kafka_bridge.slot_history FROM PUBLIC;
+GRANT SELECT ON kafka_bridge.slot_history TO pg_monitor;
+
 -- kafka_bridge.send(): a record that reaches Kafka if and only if the calling
 -- transaction commits, in commit order with the transaction's row events
 CREATE FUNCTION kafka_bridge.send(topic text, key text, value jsonb, headers jsonb DEFAULT NULL)

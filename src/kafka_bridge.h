@@ -230,7 +230,7 @@ extern bool kb_producer_thread_queue_full(KbProducerThread *pt);
 typedef struct KbPublisher KbPublisher;
 struct LogicalDecodingContext;
 
-extern void kb_publisher_ensure_slot(void);
+extern bool kb_publisher_ensure_slot(void);
 extern void kb_publisher_drop_slot(void);
 extern KbPublisher *kb_publisher_start(int status_slot, KbKafkaClient *client);
 extern void kb_publisher_stop(KbPublisher *pub);

@@ -42,6 +42,8 @@
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "access/xlogutils.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "lib/ilist.h"
 #include "libpq/pqformat.h"
 #include "miscadmin.h"
@@ -57,6 +59,9 @@
 #include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
+#include "utils/builtins.h"
+#include "utils/pg_lsn.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "event_codec.h"
@@ -606,19 +611,61 @@ kb_publisher_decodes(LogicalDecodingContext *ctx)
 }
 
 /*
- * Create the database's slot if it does not exist yet.  Its start point is
- * the current end of WAL: what committed before was not published.
+ * Note a slot just created in kafka_bridge.slot_history; true when one of
+ * that name was created before: it is lost (PostgreSQL 15 keeps slots on
+ * no standby and in no base backup, and an administrator may drop one),
+ * and the changes committed before start were maybe never published.
  */
-void
+static bool
+record_slot(const char *slot_name, XLogRecPtr start)
+{
+	Oid			types[4] = {NAMEOID, LSNOID, INT8OID, BOOLOID};
+	Datum		values[4];
+	bool		lost;
+	NameData	name;
+
+	namestrcpy(&name, slot_name);
+	values[0] = NameGetDatum(&name);
+	values[1] = LSNGetDatum(start);
+	values[2] = Int64GetDatum((int64) GetSystemIdentifier());
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute_with_args("SELECT 1 FROM kafka_bridge.slot_history WHERE slot_name = $1",
+							  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "reading kafka_bridge.slot_history failed");
+	lost = SPI_processed > 0;
+	values[3] = BoolGetDatum(lost);
+	if (SPI_execute_with_args("INSERT INTO kafka_bridge.slot_history "
+							  "(slot_name, start_lsn, system_identifier, replaced_lost_slot) "
+							  "VALUES ($1, $2, $3, $4)",
+							  4, types, values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "writing kafka_bridge.slot_history failed");
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	return lost;
+}
+
+/*
+ * Create the database's slot if it does not exist yet.  Its start point is
+ * the current end of WAL: what committed before was not published.  True
+ * when the slot replaces a lost one (see record_slot).
+ */
+bool
 kb_publisher_ensure_slot(void)
 {
 	LogicalDecodingContext *ctx;
 	MemoryContext cxt = CurrentMemoryContext;
 	char		slot_name[NAMEDATALEN];
+	XLogRecPtr	start;
+	bool		lost;
 
 	slot_name_for(slot_name, MyDatabaseId);
 	if (SearchNamedReplicationSlot(slot_name, true) != NULL)
-		return;
+		return false;
 
 	CheckSlotRequirements();
 	pgstat_report_activity(STATE_RUNNING, "creating the replication slot");
@@ -634,11 +681,21 @@ kb_publisher_ensure_slot(void)
 	FreeDecodingContext(ctx);
 	CommitTransactionCommand();
 
+	start = MyReplicationSlot->data.confirmed_flush;
 	ReplicationSlotPersist();
 	ReplicationSlotRelease();
+	lost = record_slot(slot_name, start);
 	MemoryContextSwitchTo(cxt);
-	ereport(LOG,
-			(errmsg("kafka_bridge created replication slot \"%s\"", slot_name)));
+	if (lost)
+		ereport(WARNING,
+				(errmsg("kafka_bridge created replication slot \"%s\" again: the one before is lost, and changes committed before %X/%X may not have been published",
+						slot_name, LSN_FORMAT_ARGS(start)),
+				 errdetail("kafka_bridge.slot_history lists a slot of that name created before. PostgreSQL 15 keeps replication slots on no standby and in no base backup: a promoted standby or a restored backup has none, and a dropped slot is gone."),
+				 errhint("Publish the current rows of the published tables again with kafka_bridge.snapshot() on each.")));
+	else
+		ereport(LOG,
+				(errmsg("kafka_bridge created replication slot \"%s\"", slot_name)));
+	return lost;
 }
 
 /*

@@ -186,7 +186,11 @@ check_and_probe(WorkerState *w)
 	}
 	/* the slot first: changes are kept from here on, whatever Kafka does */
 	if (w->have_extension)
-		kb_publisher_ensure_slot();
+	{
+		if (kb_publisher_ensure_slot())
+			kb_status_set_error(my_slot, kb_status_slot(my_slot)->state,
+								"the replication slot was lost (a standby promoted, a backup restored, a slot dropped) and made again: changes committed before it may not have been published; run kafka_bridge.snapshot() on the published tables");
+	}
 	else
 	{
 		if (w->pub)
