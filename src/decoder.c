@@ -1315,6 +1315,18 @@ send_frame_problem(const char *message, Size size)
 	do { FRAME_NEED(4); memcpy(&u32, p, 4); p += 4; (v) = (int32) pg_ntoh32(u32); } while (0)
 #define FRAME_INT16(v) \
 	do { FRAME_NEED(2); memcpy(&u16, p, 2); p += 2; (v) = pg_ntoh16(u16); } while (0)
+/* bytes after their int32 length, -1 for null */
+#define FRAME_SKIP_BYTES() \
+	do { \
+		FRAME_INT32(len); \
+		if (len < -1) \
+			return "a length in it is negative"; \
+		if (len > 0) \
+		{ \
+			FRAME_NEED(len); \
+			p += len; \
+		} \
+	} while (0)
 
 	FRAME_NEED(1);
 	if (*p != KB_VALUE_KIND_JSON && *p != KB_VALUE_KIND_TEXT && *p != KB_VALUE_KIND_BYTES)
@@ -1327,17 +1339,8 @@ send_frame_problem(const char *message, Size size)
 	if (kb_topic_problem(p, len))
 		return "its topic is no valid Kafka topic name";
 	p += len;
-	for (int part = 0; part < 2; part++)	/* the key, then the value */
-	{
-		FRAME_INT32(len);
-		if (len < -1)
-			return "a length in it is negative";
-		if (len > 0)
-		{
-			FRAME_NEED(len);
-			p += len;
-		}
-	}
+	FRAME_SKIP_BYTES();			/* the key */
+	FRAME_SKIP_BYTES();			/* the value */
 	{
 		int			nheaders;
 
@@ -1353,14 +1356,7 @@ send_frame_problem(const char *message, Size size)
 			if (kb_reserved_header(p, name_len))
 				return "it carries a header that kafka_bridge keeps for its own (origin, lsn, seq or commit_time)";
 			p += name_len;
-			FRAME_INT32(len);
-			if (len < -1)
-				return "a length in it is negative";
-			if (len > 0)
-			{
-				FRAME_NEED(len);
-				p += len;
-			}
+			FRAME_SKIP_BYTES();	/* its value */
 		}
 	}
 	if (p != end)
@@ -1369,6 +1365,7 @@ send_frame_problem(const char *message, Size size)
 #undef FRAME_NEED
 #undef FRAME_INT32
 #undef FRAME_INT16
+#undef FRAME_SKIP_BYTES
 }
 
 /*
