@@ -122,7 +122,8 @@ typedef struct Applier
 	char	   *group_id;
 	KbKafkaClient *client;
 	bool		have_extension;
-	MemoryContext subs_cxt;		/* subscriptions and partition states */
+	MemoryContext subs_cxt;		/* subscriptions */
+	MemoryContext partitions_cxt;	/* partition states, reset with them */
 	List	   *subs;			/* KbSubscription */
 	char	   *subs_signature;
 	HTAB	   *partitions;
@@ -178,6 +179,8 @@ forget_partitions(void)
 	if (ap.partitions)
 		hash_destroy(ap.partitions);
 	ap.partitions = NULL;
+	/* their origin marks and errors too, read again from the tables */
+	MemoryContextReset(ap.partitions_cxt);
 	ap.npartitions = 0;
 	ap.reassign = true;
 	ap.next_metadata = 0;
@@ -363,7 +366,7 @@ load_partition(PartitionProgress *ps)
 							  "WHERE topic = $1 AND partition = $2",
 							  2, types, values, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "reading kafka_bridge.apply_origins failed");
-	old = MemoryContextSwitchTo(ap.subs_cxt);
+	old = MemoryContextSwitchTo(ap.partitions_cxt);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		OriginMark *m = palloc0(sizeof(OriginMark));
@@ -437,7 +440,7 @@ refresh_assignment(char *error, size_t error_size, char *waiting, size_t waiting
 
 		ctl.keysize = sizeof(TopicPartition);
 		ctl.entrysize = sizeof(PartitionProgress);
-		ctl.hcxt = ap.subs_cxt;
+		ctl.hcxt = ap.partitions_cxt;
 		ap.partitions = hash_create("kafka_bridge partitions", 64, &ctl,
 									HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
@@ -731,7 +734,7 @@ insert_dead_letter(PartitionProgress *ps, int64 offset, rd_kafka_message_t *msg,
 	ps->dead++;
 	if (ps->last_error)
 		pfree(ps->last_error);
-	ps->last_error = MemoryContextStrdup(ap.subs_cxt, reason);
+	ps->last_error = MemoryContextStrdup(ap.partitions_cxt, reason);
 }
 
 static void
@@ -947,7 +950,7 @@ seen_before(PartitionProgress *ps, KbRecord *rec)
 			m = lfirst(lc);
 	if (m == NULL)
 	{
-		MemoryContext old = MemoryContextSwitchTo(ap.subs_cxt);
+		MemoryContext old = MemoryContextSwitchTo(ap.partitions_cxt);
 
 		m = palloc0(sizeof(OriginMark));
 		m->origin = pstrdup(rec->origin);
@@ -1339,6 +1342,8 @@ kb_applier_loop(int status_slot, const char *dbname)
 	ap.group_id = psprintf("kafka_bridge.%s.%s", kb_instance_id(), dbname);
 	ap.subs_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge subscriptions",
 										ALLOCSET_DEFAULT_SIZES);
+	ap.partitions_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge partitions",
+											  ALLOCSET_DEFAULT_SIZES);
 	ap.origin = InvalidRepOriginId;
 	ap.record_cxt = AllocSetContextCreate(TopMemoryContext, "kafka_bridge record",
 										  ALLOCSET_DEFAULT_SIZES);
