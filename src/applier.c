@@ -1117,6 +1117,15 @@ apply_batch(rd_kafka_message_t **msgs, int n, bool careful, ErrorData **edata)
 		spi_cxt = CurrentMemoryContext;
 
 		/*
+		 * One by one, a deferred constraint trigger of the table fires with
+		 * its record, in the record's subtransaction: at the commit, its
+		 * error would have no record to set aside, and the unit would be
+		 * tried again forever.
+		 */
+		if (careful && SPI_execute("SET CONSTRAINTS ALL IMMEDIATE", false, 0) != SPI_OK_UTILITY)
+			elog(ERROR, "SET CONSTRAINTS ALL IMMEDIATE failed");
+
+		/*
 		 * The subscriptions must be the ones the records were fetched for,
 		 * and stay so until this batch commits (subscribe() and
 		 * unsubscribe() wait for it): else start over without applying.

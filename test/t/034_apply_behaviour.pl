@@ -309,5 +309,35 @@ ok($b->poll_query_until('postgres', 'SELECT count(*) = 1 FROM regress_bh_again W
 is($b->safe_psql('postgres', "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM regress_bh_again"),
 	'1:first,2:second', 'and the topic is applied again from its beginning');
 
+# ---- a deferred constraint trigger of the table that refuses a row at
+#      COMMIT: one by one, it fires with its record, which goes to the
+#      dead letters; the others of its transaction are applied ----
+$a->safe_psql('postgres', q{
+	CREATE TABLE regress_bh_deferred (id int PRIMARY KEY, v text);
+	SELECT kafka_bridge.publish('regress_bh_deferred');
+});
+$b->safe_psql('postgres', q{
+	CREATE TABLE regress_bh_deferred (id int PRIMARY KEY, v text);
+	CREATE FUNCTION regress_bh_refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN
+		IF NEW.v = 'bad' THEN
+			RAISE EXCEPTION 'row % refused at commit', NEW.id;
+		END IF;
+		RETURN NULL;
+	END $$;
+	CREATE CONSTRAINT TRIGGER regress_bh_deferred_check AFTER INSERT ON regress_bh_deferred
+		DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION regress_bh_refuse_bad();
+	ALTER TABLE regress_bh_deferred ENABLE ALWAYS TRIGGER regress_bh_deferred_check;
+	SELECT kafka_bridge.subscribe('regress_bh_deferred', conflict_policy => 'apply_remote');
+});
+$a->safe_psql('postgres', "INSERT INTO regress_bh_deferred VALUES (1, 'good'), (2, 'bad'), (3, 'good')");
+ok($b->poll_query_until('postgres',
+		"SELECT count(*) = 1 FROM kafka_bridge.dead_letters WHERE topic = 'regress_bh_deferred'"),
+	'a row a deferred constraint trigger refuses goes to the dead letters');
+is($b->safe_psql('postgres', "SELECT reason LIKE '%row 2 refused at commit%' FROM kafka_bridge.dead_letters WHERE topic = 'regress_bh_deferred'"),
+	't', 'with the trigger\'s error as its reason');
+is($b->safe_psql('postgres', "SELECT string_agg(id::text, ',' ORDER BY id) FROM regress_bh_deferred"),
+	'1,3', 'and the other rows of its transaction are applied');
+
 $_->stop for ($a, $b);
 done_testing();
