@@ -133,8 +133,8 @@ kb_origin_for_instance(const char *instance, bool manual)
 /*
  * The instance a replication origin stands for: ours name the source
  * instance; the origins for events without a version (the applier's and
- * apply_event()'s) are this instance's; any other origin (core's logical replication, say) stands
- * for itself.  Cached: origins are never renamed.
+ * apply_event()'s) are this instance's; any other origin (core's logical
+ * replication, say) stands for itself.  Cached: origins are never renamed.
  */
 static const char *
 origin_instance(RepOriginId id)

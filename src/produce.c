@@ -266,17 +266,19 @@ kb_collect_headers(Jsonb *headers, KbHeader **result, size_t *total_bytes)
 	{
 		if (tok == WJB_KEY)
 		{
+			const char *reserved;
+
 			name = v.val.string.val;
 			name_len = v.val.string.len;
 			if (name_len == 0)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("the name of a Kafka record header cannot be empty")));
-			if (kb_reserved_header(name, name_len))
+			reserved = kb_reserved_header(name, name_len);
+			if (reserved)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("Kafka record header \"%s\" is kafka_bridge's own",
-								kb_reserved_header(name, name_len)),
+						 errmsg("Kafka record header \"%s\" is kafka_bridge's own", reserved),
 						 errdetail("Appliers read the headers origin, lsn, seq and commit_time to tell replays and to order versions."),
 						 errhint("Give the header another name.")));
 		}

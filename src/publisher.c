@@ -58,8 +58,8 @@
 #include "postmaster/interrupt.h"
 #include "utils/guc.h"
 #include "utils/hsearch.h"
-#include "utils/memutils.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
 #include "utils/pg_lsn.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -619,9 +619,10 @@ kb_publisher_decodes(LogicalDecodingContext *ctx)
 static bool
 record_slot(const char *slot_name, XLogRecPtr start)
 {
-	Oid			types[4] = {NAMEOID, LSNOID, INT8OID, BOOLOID};
-	Datum		values[4];
+	Oid			types[3] = {NAMEOID, LSNOID, INT8OID};
+	Datum		values[3];
 	bool		lost;
+	bool		isnull;
 	NameData	name;
 
 	namestrcpy(&name, slot_name);
@@ -633,16 +634,14 @@ record_slot(const char *slot_name, XLogRecPtr start)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_with_args("SELECT 1 FROM kafka_bridge.slot_history WHERE slot_name = $1",
-							  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "reading kafka_bridge.slot_history failed");
-	lost = SPI_processed > 0;
-	values[3] = BoolGetDatum(lost);
 	if (SPI_execute_with_args("INSERT INTO kafka_bridge.slot_history "
 							  "(slot_name, start_lsn, system_identifier, replaced_lost_slot) "
-							  "VALUES ($1, $2, $3, $4)",
-							  4, types, values, NULL, false, 0) != SPI_OK_INSERT)
+							  "SELECT $1, $2, $3, EXISTS (SELECT FROM kafka_bridge.slot_history "
+							  "WHERE slot_name OPERATOR(pg_catalog.=) $1) RETURNING replaced_lost_slot",
+							  3, types, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING ||
+		SPI_processed != 1)
 		elog(ERROR, "writing kafka_bridge.slot_history failed");
+	lost = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
